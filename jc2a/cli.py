@@ -1,0 +1,43 @@
+"""The `jc2a` command: one subcommand per job, each implemented by the module that owns it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from jc2a.config import ConfigError
+
+# subcommand -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
+COMMANDS = {
+    "toy": ("jc2a.data.toy", "write the built-in procedural toy dataset (COCO or VOC layout)"),
+    "shards": ("jc2a.data.shards", "convert COCO 2014 or VOC 2012 + SBD into webdataset shards"),
+    "preview": ("jc2a.data.preview", "stream episodes from shards and save them as pictures"),
+    "summary": ("jc2a.model.summary", "parameter counts of the paper's Table 3 rows"),
+    "bench": ("jc2a.bench", "benchmarks that print ratios measured in one run"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jc2a", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        # Bad input: one clear line naming the file, record or key; no traceback.
+        print(f"jc2a {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

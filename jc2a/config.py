@@ -1,0 +1,333 @@
+"""Typed configuration: defaults in one place, YAML files with `_base_`, dotted command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "load_config",
+    "save_config",
+    "to_dict",
+    "flatten",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; its message is one line naming the key and the file."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class AugmentConfig:
+    """PFENet's training augmentation (SPEC §1 Transforms)."""
+
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])  # RandScale range
+    rotate: list[float] = field(default_factory=lambda: [-10.0, 10.0])  # RandRotate degrees
+    rotate_p: float = 0.5
+    blur_p: float = 0.5  # Gaussian blur 5x5
+    flip_p: float = 0.5  # horizontal flip
+    crop_retries: int = 30  # random crop retries to keep the target
+    crop_keep: float = 0.85  # fraction of the target's pixels a crop must keep
+
+
+@dataclass
+class DataConfig:
+    """Where episodes come from and how they are drawn (SPEC §1)."""
+
+    dataset: str = "coco20i"  # coco20i | pascal5i
+    fold: int = 0  # 0..3
+    shot: int = 1  # K supports per episode
+    shards: str = "shards/coco"  # folder or URL holding <split>-%06d.tar and <split>-index.json
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 473  # square crop / canvas; (size - 1) % 8 == 0
+    min_pixels: int = 2048  # 2*32*32, PFENet's filter on a usable (image, class) pair
+    episodes_per_epoch: int = 0  # training episodes per epoch over all ranks; 0 = one per usable pair
+    eval_episodes: int = 1000  # per fold (HSNet, BAM)
+    eval_seeds: list[int] = field(default_factory=lambda: [0])  # one episode list per seed
+    support_pool: int = 32  # bounded per-class pool of support candidates in the training stream
+    shuffle_buffer: int = 256  # sample shuffle buffer of the training stream
+    num_workers: int = 2  # loader worker processes
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class BackboneConfig:
+    """A timm CNN used as a four-stage, stride-8 feature extractor (SPEC §2 Backbone)."""
+
+    name: str = "resnet50"
+    pretrained: bool = True  # timm's pretrained weights (hub or local file)
+    weights: Optional[str] = None  # local weights file, for machines with no hub
+    frozen: bool = True  # requires_grad_(False) and kept in eval()
+
+
+@dataclass
+class HPAMConfig:
+    """Hybrid Prototype Alignment Module (Eqs. 1-10) and its ablation switches."""
+
+    p2p: bool = True  # point-to-point alignment, Eq. 3
+    p2b: bool = True  # point-to-block alignment, Eqs. 4-9
+    pos_embed: bool = True  # learnable position embeddings of P2B, Eq. 4
+    attention: str = "linear_relu"  # linear_relu (ours) | softmax (NA) | linear_bn (NLA) | cosine
+    merge: str = "add"  # hybrid prototype, Eq. 10: add | concat | multiply
+    topk: list[int] = field(default_factory=lambda: [60, 20, 5, 3])  # k_l, finest bin to coarsest
+    block: list[int] = field(default_factory=lambda: [4, 3, 3, 2])  # block size m per bin
+
+
+@dataclass
+class CKMMConfig:
+    """Class-agnostic Knowledge Mining Module (Eqs. 11-13)."""
+
+    enabled: bool = True
+    reduce: str = "mean"  # mean (Eq. 13) | max over the base classes
+    bank_file: Optional[str] = None  # a saved prototype bank to reuse
+
+
+@dataclass
+class ModelConfig:
+    """The JC2A network (SPEC §2)."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    feat_dim: int = 256  # C, reduced mid-level feature width
+    dropout: float = 0.5
+    bins: list[int] = field(default_factory=lambda: [60, 30, 15, 8])  # pyramid bins for a 473 input
+    hpam: HPAMConfig = field(default_factory=HPAMConfig)
+    ckmm: CKMMConfig = field(default_factory=CKMMConfig)
+    pfenet_prior: bool = False  # PFENet's class-specific prior mask (peer baseline, Table 5)
+    mia: str = "concat"  # Multiple Information Aggregation, Eq. 14: concat | add | multiply
+    aux_weight: float = 1.0  # weight of the per-bin auxiliary CE
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run bookkeeping (SPEC §3)."""
+
+    seed: int = 321
+    output_dir: str = "runs/default"
+    epochs: int = 50  # PFENet: 50 (COCO), 200 (PASCAL)
+    batch_size: int = 4  # per process
+    lr: float = 2.5e-3  # the paper's figure (PFENet's code configures 2.5e-4 and multiplies by 10)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    power: float = 0.9  # poly schedule
+    mixed_precision: str = "fp16"  # no | fp16 | bf16 (accelerate)
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: key '{key}' expects a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: key '{key}' expects true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: key '{key}' expects an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: key '{key}' expects a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: key '{key}' expects a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: key '{key}' has an unsupported type {_type_name(tp)}")
+
+
+def _apply(obj: Any, updates: dict, source: str, prefix: str = "") -> None:
+    """Write a nested dict of updates into the dataclass `obj`, checking every key and type."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{source}: key '{prefix.rstrip('.') or '<top>'}' expects a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"{source}: unknown key '{key}'{_suggest(name, names)}")
+        tp = hints[name]
+        if _is_dataclass_type(tp):
+            _apply(getattr(obj, name), value, source, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, tp, key, source))
+
+
+def _suggest(name: str, names: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(names), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check(cfg: Config, source: str) -> None:
+    """Cross-field rules that a type alone cannot express."""
+    choices = {
+        "data.dataset": (cfg.data.dataset, {"coco20i", "pascal5i"}),
+        "model.hpam.attention": (cfg.model.hpam.attention, {"linear_relu", "softmax", "linear_bn", "cosine"}),
+        "model.hpam.merge": (cfg.model.hpam.merge, {"add", "concat", "multiply"}),
+        "model.ckmm.reduce": (cfg.model.ckmm.reduce, {"mean", "max"}),
+        "model.mia": (cfg.model.mia, {"concat", "add", "multiply"}),
+        "train.mixed_precision": (cfg.train.mixed_precision, {"no", "fp16", "bf16"}),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{source}: key '{key}' must be one of {sorted(allowed)}, got {value!r}")
+    if not 0 <= cfg.data.fold <= 3:
+        raise ConfigError(f"{source}: key 'data.fold' must be 0..3, got {cfg.data.fold}")
+    if cfg.data.shot < 1:
+        raise ConfigError(f"{source}: key 'data.shot' must be >= 1, got {cfg.data.shot}")
+    if (cfg.data.image_size - 1) % 8 != 0:
+        raise ConfigError(
+            f"{source}: key 'data.image_size' must satisfy (size - 1) % 8 == 0 (473, 641, 129...), "
+            f"got {cfg.data.image_size}"
+        )
+    nbins = len(cfg.model.bins)
+    for key in ("topk", "block"):
+        if len(getattr(cfg.model.hpam, key)) != nbins:
+            raise ConfigError(
+                f"{source}: key 'model.hpam.{key}' needs one value per bin ({nbins}), "
+                f"got {getattr(cfg.model.hpam, key)}"
+            )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
+    """The layers of a YAML file, its `_base_` files first; each layer with the file it came from."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: '_base_' cycle through {' -> '.join(map(str, seen))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    layers: list[tuple[dict, str]] = []
+    for base in bases:
+        layers += _read_yaml(path.parent / base, seen + (path.resolve(),))
+    layers.append((data, str(path)))
+    return layers
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"command line: override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(
+    path: Union[str, os.PathLike, None, Iterable[Union[str, os.PathLike]]] = None,
+    overrides: Iterable[str] = (),
+) -> Config:
+    """Resolve a configuration.
+
+    Args:
+        path: a YAML file, several applied in order, or None for the defaults (= `configs/base.yaml`).
+        overrides: dotted `key=value` strings applied last, e.g. `("data.fold=1", "model.bins=[8,4]")`.
+    """
+    cfg = Config()
+    if path is None:
+        paths: list = []
+    elif isinstance(path, (str, os.PathLike)):
+        paths = [path]
+    else:
+        paths = list(path)
+    for p in paths:
+        for layer, source in _read_yaml(Path(p)):
+            _apply(cfg, layer, source)
+    for text in overrides:
+        key, value = _parse_override(text)
+        _apply(cfg, _nest(key, value), "command line")
+    _check(cfg, str(paths[-1]) if paths else "defaults" if not overrides else "command line")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain nested dict of a config (or of one of its sections)."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"data.fold": 0, ...}`: the flat form that experiment trackers take as params."""
+    out: dict[str, Any] = {}
+    for key, value in (to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def save_config(cfg: Config, path: Union[str, os.PathLike]) -> Path:
+    """Write the resolved config as YAML (atomically) and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,1 @@
+"""Datasets, webdataset shards, episodes and transforms."""
