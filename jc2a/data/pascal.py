@@ -1,0 +1,88 @@
+"""PASCAL VOC 2012 + SBD (`SegmentationClassAug`) -> label maps, with PFENet's train/val split (SPEC §1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+from PIL import Image
+
+from jc2a.data.records import IGNORE, SourceItem
+
+# The dataset's own class order: label value i is VOC_CLASSES[i - 1].
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+TRAIN_LIST = "ImageSets/SegmentationAug/train_aug.txt"
+VAL_LIST = "ImageSets/Segmentation/val.txt"
+
+
+def read_list(path: Path) -> list[str]:
+    """Image ids of a list file: one id a line (`2007_000032`) or PFENet's `JPEGImages/x.jpg Seg.../x.png` pairs."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image list not found: {path}")
+    ids = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            ids.append(Path(line.split()[0]).stem)
+    return ids
+
+
+def split_ids(train_list: Path, val_list: Path) -> dict[str, list[str]]:
+    """`{"train": ..., "val": ...}`: the train list without duplicates and without any val image."""
+    val = list(dict.fromkeys(read_list(val_list)))
+    held_out = set(val)
+    train = [i for i in dict.fromkeys(read_list(train_list)) if i not in held_out]
+    return {"train": train, "val": val}
+
+
+def read_label(path: Path) -> np.ndarray:
+    """A VOC label PNG (grayscale or palette indices) -> `uint8 [H, W]`, checked to hold 0..20 and 255."""
+    with Image.open(path) as im:
+        if im.mode not in ("L", "P"):
+            raise ValueError(f"{path}: label PNG must be single-channel (L or P), got mode {im.mode}")
+        label = np.array(im, dtype=np.uint8)
+    bad = np.setdiff1d(np.unique(label), np.r_[0 : len(VOC_CLASSES) + 1, IGNORE])
+    if bad.size:
+        raise ValueError(f"{path}: label values {bad.tolist()} outside 0..20 and 255")
+    return label
+
+
+class PascalSource:
+    """One split of VOC 2012 + SBD in list order.
+
+    Args:
+        root: the VOC folder holding `JPEGImages/` and `SegmentationClassAug/`.
+        split: "train" or "val".
+        train_list, val_list: list files; default the `SegmentationClassAug` release's lists under `root`.
+    """
+
+    def __init__(
+        self, root: Path, split: str, train_list: Optional[Path] = None, val_list: Optional[Path] = None
+    ) -> None:
+        self.root = Path(root)
+        for sub in ("JPEGImages", "SegmentationClassAug"):
+            if not (self.root / sub).is_dir():
+                raise FileNotFoundError(f"folder not found: {self.root / sub}")
+        if split not in ("train", "val"):
+            raise ValueError(f"PASCAL split must be 'train' or 'val', got {split!r}")
+        lists = split_ids(Path(train_list or self.root / TRAIN_LIST), Path(val_list or self.root / VAL_LIST))
+        self.ids = lists[split]
+        self.class_names = {i: name for i, name in enumerate(VOC_CLASSES, start=1)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        for image_id in self.ids:
+            label_path = self.root / "SegmentationClassAug" / f"{image_id}.png"
+            yield SourceItem(
+                key=f"voc2012/{image_id}",
+                image_path=self.root / "JPEGImages" / f"{image_id}.jpg",
+                label=lambda p=label_path: read_label(p),
+                source=f"JPEGImages/{image_id}.jpg",
+            )

@@ -1,0 +1,433 @@
+"""PFENet's train and eval transforms on (image, label) pairs: numpy/cv2, an explicit rng, tensors at the end."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from jc2a.config import AugmentConfig
+
+__all__ = [
+    "IGNORE",
+    "IMAGENET_MEAN",
+    "IMAGENET_PIXEL",
+    "IMAGENET_STD",
+    "Compose",
+    "LongSideResize",
+    "PadToSquare",
+    "RandCrop",
+    "RandRotate",
+    "RandScale",
+    "RandomGaussianBlur",
+    "RandomHorizontalFlip",
+    "ToTensor",
+    "Transform",
+    "check_size",
+    "eval_transform",
+    "mean_pixel",
+    "normalization",
+    "train_transform",
+]
+
+log = logging.getLogger(__name__)
+
+IGNORE = 255  # label value of pixels that are never scored
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Triple = tuple[float, float, float]
+
+
+class Transform(Protocol):
+    """One step: `(image, label, rng) -> (image, label)`; deterministic steps ignore `rng`."""
+
+    def __call__(self, image: Any, label: Any, rng: Optional[np.random.Generator] = None) -> tuple[Any, Any]: ...
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def check_size(size: int) -> int:
+    """Return `size` if it is a valid network input side, `(size - 1) % 8 == 0`; raise ValueError otherwise."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 9 or (size - 1) % 8 != 0:
+        raise ValueError(
+            f"image size must be an integer >= 9 with (size - 1) % 8 == 0, e.g. 473, 641 or 129; got {size!r}"
+        )
+    return int(size)
+
+
+def mean_pixel(mean: Sequence[float]) -> tuple[int, int, int]:
+    """The padding colour of a uint8 RGB image: `round(mean * 255)` per channel, `mean` in 0..1 units."""
+    r, g, b = (int(np.floor(float(m) * 255.0 + 0.5)) for m in mean)
+    return r, g, b
+
+
+IMAGENET_PIXEL = mean_pixel(IMAGENET_MEAN)  # (124, 116, 104), the default padding colour
+
+
+def normalization(backbone_name: str) -> tuple[Triple, Triple]:
+    """`(mean, std)` in 0..1 units from timm's pretrained cfg of `backbone_name` (tags like `resnet50.a1_in1k` too).
+
+    Reads the registered cfg only (the model is not built, nothing is downloaded); names timm does not know,
+    or cfgs without three-channel statistics, fall back to ImageNet's mean and std.
+    """
+    from timm.models import get_pretrained_cfg  # lazy: loader workers never need timm
+
+    try:
+        cfg = get_pretrained_cfg(backbone_name)
+    except RuntimeError:  # an unknown pretrained tag of a known architecture
+        cfg = None
+    mean, std = getattr(cfg, "mean", None), getattr(cfg, "std", None)
+    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        log.warning("no 3-channel pretrained mean/std for backbone %r in timm; using ImageNet's", backbone_name)
+        return IMAGENET_MEAN, IMAGENET_STD
+    return _triple(mean), _triple(std)
+
+
+def _triple(values: Sequence[float]) -> Triple:
+    a, b, c = (float(v) for v in values)
+    return a, b, c
+
+
+def _range(name: str, values: Sequence[float]) -> tuple[float, float]:
+    lo, hi = (float(v) for v in values)
+    if lo > hi:
+        raise ValueError(f"{name} range must be (low, high) with low <= high, got {tuple(values)}")
+    return lo, hi
+
+
+def _probability(name: str, p: float) -> float:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} probability must be in [0, 1], got {p}")
+    return float(p)
+
+
+def _check_pair(step: str, image: Any, label: Any, channels_first: bool = False) -> tuple[int, int]:
+    """Check an image `[H,W,3]` (or `[3,H,W]` with `channels_first`) against a label `[H,W]`; return `(H, W)`."""
+    if image.ndim != 3 or image.shape[0 if channels_first else 2] != 3:
+        layout = "[3,H,W]" if channels_first else "[H,W,3]"
+        raise ValueError(f"{step}: image must be {layout} RGB, got shape {tuple(image.shape)}")
+    if label.ndim != 2:
+        raise ValueError(f"{step}: label must be [H,W], got shape {tuple(label.shape)}")
+    h, w = image.shape[1:] if channels_first else image.shape[:2]
+    if (h, w) != tuple(label.shape):
+        raise ValueError(f"{step}: image {h}x{w} but label {label.shape[0]}x{label.shape[1]}")
+    return int(h), int(w)
+
+
+def _check_rng(step: str, rng: Optional[np.random.Generator]) -> np.random.Generator:
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"{step} draws random numbers: pass rng=np.random.Generator, got {type(rng).__name__}")
+    return rng
+
+
+def _resize(image: np.ndarray, label: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image bilinear, label nearest, both to `h x w`.
+
+    The label uses INTER_NEAREST_EXACT (pixel-centre aligned like INTER_LINEAR); cv2's INTER_NEAREST, which PFENet
+    uses, samples `floor(x / s)` and shifts the label by up to half a source pixel against the image.
+    """
+    if (h, w) == label.shape:
+        return image, label
+    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+    return image, label
+
+
+# --------------------------------------------------------------------------- training augmentation
+
+
+class RandScale:
+    """Isotropic random scale by `s ~ U(scale)`: image bilinear, label nearest (PFENet's RandScale, aspect 1)."""
+
+    def __init__(self, scale: Sequence[float] = (0.9, 1.1)) -> None:
+        self.scale = _range("RandScale scale", scale)
+        if self.scale[0] <= 0:
+            raise ValueError(f"RandScale scale must be positive, got {tuple(scale)}")
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: Optional[np.random.Generator] = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`[H,W,3]`, `[H,W]` -> `[h,w,3]`, `[h,w]` with `(h, w) = round(s * (H, W))`."""
+        h, w = _check_pair("RandScale", image, label)
+        s = _check_rng("RandScale", rng).uniform(*self.scale)
+        return _resize(image, label, max(1, round(h * s)), max(1, round(w * s)))
+
+    def __repr__(self) -> str:
+        return f"RandScale(scale={self.scale})"
+
+
+class RandRotate:
+    """With probability `p`, rotate about the centre by `a ~ U(rotate)` degrees (PFENet's RandRotate).
+
+    Image bilinear with border `padding` (the mean pixel), label nearest with border `ignore`; the size is kept.
+    """
+
+    def __init__(
+        self,
+        rotate: Sequence[float] = (-10.0, 10.0),
+        p: float = 0.5,
+        padding: Sequence[int] = IMAGENET_PIXEL,
+        ignore: int = IGNORE,
+    ) -> None:
+        self.rotate = _range("RandRotate rotate", rotate)
+        self.p = _probability("RandRotate", p)
+        self.padding = tuple(int(v) for v in padding)
+        self.ignore = int(ignore)
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: Optional[np.random.Generator] = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`[H,W,3]`, `[H,W]` -> same shapes."""
+        h, w = _check_pair("RandRotate", image, label)
+        rng = _check_rng("RandRotate", rng)
+        if rng.random() >= self.p:
+            return image, label
+        angle = rng.uniform(*self.rotate)
+        matrix = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), angle, 1.0)
+        image = cv2.warpAffine(
+            image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=self.padding
+        )
+        label = cv2.warpAffine(
+            label, matrix, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=self.ignore
+        )
+        return image, label
+
+    def __repr__(self) -> str:
+        return f"RandRotate(rotate={self.rotate}, p={self.p}, padding={self.padding}, ignore={self.ignore})"
+
+
+class RandomGaussianBlur:
+    """With probability `p`, blur the image (not the label) with a `radius x radius` Gaussian, sigma from the size."""
+
+    def __init__(self, radius: int = 5, p: float = 0.5) -> None:
+        if radius < 1 or radius % 2 != 1:
+            raise ValueError(f"RandomGaussianBlur radius (kernel size) must be odd and positive, got {radius}")
+        self.radius = int(radius)
+        self.p = _probability("RandomGaussianBlur", p)
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: Optional[np.random.Generator] = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`[H,W,3]`, `[H,W]` -> same shapes."""
+        _check_pair("RandomGaussianBlur", image, label)
+        if _check_rng("RandomGaussianBlur", rng).random() < self.p:
+            image = cv2.GaussianBlur(image, (self.radius, self.radius), 0)
+        return image, label
+
+    def __repr__(self) -> str:
+        return f"RandomGaussianBlur(radius={self.radius}, p={self.p})"
+
+
+class RandomHorizontalFlip:
+    """With probability `p`, mirror image and label left to right."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = _probability("RandomHorizontalFlip", p)
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: Optional[np.random.Generator] = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`[H,W,3]`, `[H,W]` -> same shapes."""
+        _check_pair("RandomHorizontalFlip", image, label)
+        if _check_rng("RandomHorizontalFlip", rng).random() < self.p:
+            image, label = cv2.flip(image, 1), cv2.flip(label, 1)
+        return image, label
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class RandCrop:
+    """Pad to at least `size x size`, then crop `size x size` at random, retrying to keep the target (PFENet's Crop).
+
+    Padding is split around the centre (`pad // 2` before, the rest after): image with `padding`, label with
+    `ignore`. A crop is accepted when it keeps at least `keep` of the label's target (`== 1`) pixels; otherwise up
+    to `retries` more crops are drawn and the last one is taken. A label without target pixels gets one crop.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        padding: Sequence[int] = IMAGENET_PIXEL,
+        ignore: int = IGNORE,
+        retries: int = 30,
+        keep: float = 0.85,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"RandCrop size must be positive, got {size}")
+        if retries < 0:
+            raise ValueError(f"RandCrop retries must be >= 0, got {retries}")
+        self.size = int(size)
+        self.padding = tuple(int(v) for v in padding)
+        self.ignore = int(ignore)
+        self.retries = int(retries)
+        self.keep = _probability("RandCrop keep", keep)
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: Optional[np.random.Generator] = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`[H,W,3]`, `[H,W]` -> `[S,S,3]`, `[S,S]` with `S = size`."""
+        _check_pair("RandCrop", image, label)
+        rng = _check_rng("RandCrop", rng)
+        image, label = self._pad(image, label)
+        h, w = label.shape
+        s = self.size
+
+        # 1. every candidate offset at once: the first crop, then the retries
+        target = label == 1
+        total = int(np.count_nonzero(target))
+        n = self.retries + 1 if total else 1
+        ys = rng.integers(0, h - s + 1, size=n)
+        xs = rng.integers(0, w - s + 1, size=n)
+
+        # 2. the first candidate that keeps enough of the target, else the last one
+        pick = n - 1
+        if total:
+            sat = cv2.integral(target.view(np.uint8))  # [h+1, w+1] summed-area table of the target
+            kept = sat[ys + s, xs + s] - sat[ys, xs + s] - sat[ys + s, xs] + sat[ys, xs]
+            good = np.flatnonzero(kept >= self.keep * total)
+            if good.size:
+                pick = int(good[0])
+        y, x = int(ys[pick]), int(xs[pick])
+        return np.ascontiguousarray(image[y : y + s, x : x + s]), np.ascontiguousarray(label[y : y + s, x : x + s])
+
+    def _pad(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h, w = label.shape
+        pad_h, pad_w = max(self.size - h, 0), max(self.size - w, 0)
+        if not (pad_h or pad_w):
+            return image, label
+        top, left = pad_h // 2, pad_w // 2
+        border = (top, pad_h - top, left, pad_w - left)
+        image = cv2.copyMakeBorder(image, *border, cv2.BORDER_CONSTANT, value=self.padding)
+        label = cv2.copyMakeBorder(label, *border, cv2.BORDER_CONSTANT, value=self.ignore)
+        return image, label
+
+    def __repr__(self) -> str:
+        return (
+            f"RandCrop(size={self.size}, padding={self.padding}, ignore={self.ignore}, "
+            f"retries={self.retries}, keep={self.keep})"
+        )
+
+
+# --------------------------------------------------------------------------- deterministic steps
+
+
+class LongSideResize:
+    """Scale so the longer side is `size`, keeping the aspect ratio: image bilinear, label nearest."""
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: Optional[np.random.Generator] = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`[H,W,3]`, `[H,W]` -> `[h,w,3]`, `[h,w]` with `max(h, w) = size`, `h / w ~ H / W`."""
+        h, w = _check_pair("LongSideResize", image, label)
+        ratio = self.size / max(h, w)
+        return _resize(image, label, max(1, round(h * ratio)), max(1, round(w * ratio)))
+
+    def __repr__(self) -> str:
+        return f"LongSideResize(size={self.size})"
+
+
+class ToTensor:
+    """Image to a normalised float32 tensor `(x / 255 - mean) / std`, label to int64; `mean`, `std` in 0..1 units."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        self.mean, self.std = _triple(mean), _triple(std)
+        self._shift = (255.0 * np.asarray(self.mean, np.float32)).reshape(3, 1, 1)
+        self._scale = (1.0 / (255.0 * np.asarray(self.std, np.float32))).reshape(3, 1, 1)
+
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: Optional[np.random.Generator] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[H,W,3]` uint8, `[H,W]` uint8 -> `[3,H,W]` float32, `[H,W]` int64."""
+        _check_pair("ToTensor", image, label)
+        x = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+        x -= self._shift
+        x *= self._scale
+        return torch.from_numpy(x), torch.from_numpy(label.astype(np.int64))
+
+    def __repr__(self) -> str:
+        return f"ToTensor(mean={self.mean}, std={self.std})"
+
+
+class PadToSquare:
+    """Put a normalised image and its label top-left on a `size x size` canvas: image 0, label `ignore`."""
+
+    def __init__(self, size: int, ignore: int = IGNORE) -> None:
+        self.size = int(size)
+        self.ignore = int(ignore)
+
+    def __call__(
+        self, image: torch.Tensor, label: torch.Tensor, rng: Optional[np.random.Generator] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[3,h,w]`, `[h,w]` with `h, w <= size` -> `[3,S,S]`, `[S,S]`."""
+        h, w = _check_pair("PadToSquare", image, label, channels_first=True)
+        if h > self.size or w > self.size:
+            raise ValueError(f"PadToSquare: image {h}x{w} does not fit a {self.size}x{self.size} canvas")
+        canvas = image.new_zeros((3, self.size, self.size))
+        canvas[:, :h, :w] = image
+        mask = label.new_full((self.size, self.size), self.ignore)
+        mask[:h, :w] = label
+        return canvas, mask
+
+    def __repr__(self) -> str:
+        return f"PadToSquare(size={self.size}, ignore={self.ignore})"
+
+
+class Compose:
+    """Apply steps in order, passing the same `rng` to each."""
+
+    def __init__(self, transforms: Sequence[Transform]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, image: Any, label: Any, rng: Optional[np.random.Generator] = None) -> tuple[Any, Any]:
+        for t in self.transforms:
+            image, label = t(image, label, rng)
+        return image, label
+
+    def __repr__(self) -> str:
+        steps = "".join(f"\n  {t!r}," for t in self.transforms)
+        return f"Compose([{steps}\n])"
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def train_transform(
+    cfg: AugmentConfig, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Compose:
+    """PFENet's training pipeline (SPEC §1 Transforms), called as `t(image, label, rng)`.
+
+    RandScale -> RandRotate -> GaussianBlur 5x5 -> HFlip -> RandCrop -> ToTensor; image `[H,W,3]` uint8 and
+    label `[H,W]` (0/1/255) in, `[3,S,S]` float32 and `[S,S]` int64 out. Padding uses the mean pixel / 255.
+    """
+    size = check_size(size)
+    pad = mean_pixel(mean)
+    return Compose(
+        [
+            RandScale(cfg.scale),
+            RandRotate(cfg.rotate, p=cfg.rotate_p, padding=pad, ignore=IGNORE),
+            RandomGaussianBlur(radius=5, p=cfg.blur_p),
+            RandomHorizontalFlip(p=cfg.flip_p),
+            RandCrop(size, padding=pad, ignore=IGNORE, retries=cfg.crop_retries, keep=cfg.crop_keep),
+            ToTensor(mean, std),
+        ]
+    )
+
+
+def eval_transform(size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Compose:
+    """The evaluation input (SPEC §1 Transforms), called as `t(image, label)`.
+
+    Longer side scaled to `size`, then placed top-left on a `size x size` canvas: `[3,S,S]` float32 with 0 (after
+    normalisation) outside the image, `[S,S]` int64 with 255 there. The caller keeps the original-size label.
+    """
+    size = check_size(size)
+    return Compose([LongSideResize(size), ToTensor(mean, std), PadToSquare(size)])
