@@ -1,0 +1,93 @@
+"""`jc2a preview`: stream training and evaluation episodes from shards and save them as pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from jc2a.config import Config, load_config, save_config
+
+
+def to_rgb(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A normalised `[3,H,W]` tensor back to `uint8 [H,W,3]`."""
+    x = img.float().permute(1, 2, 0).numpy() * np.asarray(std) + np.asarray(mean)
+    return (np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
+def overlay(rgb: np.ndarray, mask: np.ndarray, colour=(255, 220, 0), alpha: float = 0.5) -> np.ndarray:
+    """Target pixels (1) tinted with `colour` and outlined, ignored pixels (255) darkened."""
+    import cv2
+
+    out = rgb.astype(np.float32)
+    fg = mask == 1
+    out[fg] = (1 - alpha) * out[fg] + alpha * np.asarray(colour, np.float32)
+    out[mask == 255] *= 0.35
+    out = np.ascontiguousarray(out.astype(np.uint8))
+    contours, _ = cv2.findContours(fg.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, colour, 1)
+    return out
+
+
+def save_episode_figure(episode: dict, path: Path, mean, std, class_names: dict[int, str], title: str = "") -> Path:
+    """One row: the query with its mask, then each support with its mask; saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots = episode["support_imgs"].shape[0]
+    fig, axes = plt.subplots(1, shots + 1, figsize=(3 * (shots + 1), 3.3), squeeze=False)
+    panels = [("query", episode["query_img"], episode["query_mask"], episode.get("query_key", ""))]
+    keys = episode.get("support_keys", [""] * shots)
+    panels += [(f"support {k + 1}", episode["support_imgs"][k], episode["support_masks"][k], keys[k]) for k in range(shots)]
+    for ax, (name, img, mask, key) in zip(axes[0], panels):
+        ax.imshow(overlay(to_rgb(img, mean, std), mask.numpy()))
+        ax.set_title(f"{name}\n{key}", fontsize=7)
+        ax.axis("off")
+    class_id = int(episode["class_id"])
+    fig.suptitle(f"{title} class {class_id} ({class_names.get(class_id, '?')})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", action="append", default=None, help="YAML config (repeat to compose)")
+    parser.add_argument("--episodes", type=int, default=4, help="episodes of each split to draw")
+    parser.add_argument("--out", type=Path, default=None, help="picture folder (default <train.output_dir>/preview)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.fold=1")
+
+
+def preview(cfg: Config, episodes: int, out: Path) -> list[Path]:
+    """Save `episodes` training and `episodes` evaluation episodes of `cfg` as pictures in `out`."""
+    from jc2a.data.episodes import eval_loader, train_loader
+    from jc2a.data.locations import ShardSet
+    from jc2a.data.transforms import normalization
+
+    mean, std = normalization(cfg.model.backbone.name)
+    written = []
+    train = ShardSet(cfg.data.shards, cfg.data.train_split)
+    loader = train_loader(cfg, batch_size=1, shards=train)
+    for i, batch in zip(range(episodes), loader):
+        ep = {k: v[0] for k, v in batch.items()}
+        written.append(save_episode_figure(ep, out / f"train-{i:03d}.png", mean, std, train.class_names, "train"))
+    val = ShardSet(cfg.data.shards, cfg.data.val_split)
+    for i, batch in zip(range(episodes), eval_loader(cfg, seed=cfg.data.eval_seeds[0], shards=val)):
+        ep = {k: v[0] for k, v in batch.items()}
+        written.append(save_episode_figure(ep, out / f"eval-{i:03d}.png", mean, std, val.class_names, "eval"))
+    return written
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or Path(cfg.train.output_dir) / "preview"
+    saved = save_config(cfg, out / "config.yaml")
+    paths = preview(cfg, args.episodes, out)
+    print(f"resolved config: {saved}")
+    print(f"{len(paths)} episode pictures in {out}")
+    return 0

@@ -1,0 +1,42 @@
+"""Shared fixtures: one toy COCO dataset and its shards per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(Path(os.environ.get("TMPDIR", "/tmp")) / "jc2a-tests-mlflow.db"))
+
+
+@pytest.fixture(scope="session")
+def toy_coco(tmp_path_factory) -> Path:
+    """A toy COCO 2014 folder: train2014/, val2014/, annotations/."""
+    from jc2a.data.toy import write_toy_coco
+
+    root = tmp_path_factory.mktemp("toy") / "coco"
+    write_toy_coco(root, train_images=120, val_images=120, size=128, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def coco_shards(toy_coco, tmp_path_factory) -> Path:
+    """The toy data as shards, bounded small so each split has several."""
+    from jc2a.data.coco import CocoSource
+    from jc2a.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards") / "coco"
+    for split in ("train", "val"):
+        source = CocoSource(toy_coco / f"{split}2014", toy_coco / "annotations" / f"instances_{split}2014.json")
+        write_shards(source, out, split, "coco", source.class_names, max_shard_bytes=400_000, progress=False)
+    return out
+
+
+@pytest.fixture()
+def toy_cfg(coco_shards):
+    """The toy config pointed at the session's shards."""
+    from jc2a.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    return load_config(root / "configs" / "toy.yaml", [f"data.shards={coco_shards}", "data.min_pixels=200"])

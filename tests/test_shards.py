@@ -1,0 +1,226 @@
+"""Shards: pixel-exact labels against pycocotools, crowds, id gaps, index, bad input, atomic resumable writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from pycocotools.coco import COCO
+
+from jc2a.cli import main
+from jc2a.data.coco import CocoSource
+from jc2a.data.records import decode_label
+from jc2a.data.shards import read_shard_entries, write_shards
+
+
+def _records(folder: Path, split: str) -> dict[str, dict]:
+    """Every record of a split, read with plain webdataset (no jc2a reader)."""
+    urls = sorted(str(p) for p in folder.glob(f"{split}-*.tar"))
+    return {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False)}
+
+
+def _expected_label(coco: COCO, image_id: int, rank: dict[int, int]) -> np.ndarray:
+    """The SPEC's label map, rebuilt here from pycocotools masks one instance at a time."""
+    info = coco.imgs[image_id]
+    label = np.zeros((info["height"], info["width"]), np.uint8)
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))
+    things = [a for a in anns if not a["iscrowd"]]
+    for ann in sorted(things, key=lambda a: (-int(coco.annToMask(a).sum()), a["id"])):
+        label[coco.annToMask(ann) > 0] = rank[ann["category_id"]]
+    for ann in (a for a in anns if a["iscrowd"]):
+        label[(coco.annToMask(ann) > 0) & (label == 0)] = 255
+    return label
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_round_trip_pixel_exact(toy_coco, coco_shards, split):
+    coco = COCO(str(toy_coco / "annotations" / f"instances_{split}2014.json"))
+    rank = {cid: i for i, cid in enumerate(sorted(coco.getCatIds()), start=1)}
+    records = _records(coco_shards, split)
+    assert len(records) == len(coco.imgs)
+    for image_id, info in coco.imgs.items():
+        sample = records[f"{split}2014/{image_id:012d}"]
+        assert sample["jpg"] == (toy_coco / f"{split}2014" / info["file_name"]).read_bytes()  # not re-encoded
+        label = decode_label(sample["png"])
+        np.testing.assert_array_equal(label, _expected_label(coco, image_id, rank))
+        meta = json.loads(sample["json"])
+        assert (meta["height"], meta["width"]) == (info["height"], info["width"])
+        counts = np.bincount(label.ravel(), minlength=256)
+        assert meta["classes"] == {str(c): int(counts[c]) for c in range(1, 81) if counts[c]}
+
+
+def test_crowd_becomes_ignore_and_small_objects_stay_visible(toy_coco, coco_shards):
+    coco = COCO(str(toy_coco / "annotations/instances_train2014.json"))
+    records = _records(coco_shards, "train")
+    crowds = coco.loadAnns(coco.getAnnIds(iscrowd=True))
+    assert crowds, "toy data must have crowd annotations"
+    checked = 0
+    for ann in crowds:
+        label = decode_label(records[f"train2014/{ann['image_id']:012d}"]["png"])
+        region = coco.annToMask(ann) > 0
+        things = np.zeros_like(region)
+        for other in coco.loadAnns(coco.getAnnIds(imgIds=ann["image_id"], iscrowd=False)):
+            things |= coco.annToMask(other) > 0
+        assert (label[region & ~things] == 255).all()
+        assert (label[things] != 255).all()
+        checked += int((region & ~things).sum())
+    assert checked > 0
+
+
+def test_category_id_gaps(toy_coco, coco_shards):
+    index = json.loads((coco_shards / "train-index.json").read_text())
+    coco = COCO(str(toy_coco / "annotations/instances_train2014.json"))
+    names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    assert 12 not in names and 83 not in names
+    assert index["classes"]["12"] == names[13] == "stop sign"
+    assert index["classes"]["80"] == names[90] == "toothbrush"
+    assert len(index["classes"]) == 80
+    # an instance of category 90 is painted 80 where nothing smaller covers it
+    records = _records(coco_shards, "train")
+    ann = next(a for a in coco.loadAnns(coco.getAnnIds(catIds=[90], iscrowd=False)))
+    label = decode_label(records[f"train2014/{ann['image_id']:012d}"]["png"])
+    assert (label[coco.annToMask(ann) > 0] == 80).mean() > 0.5
+
+
+def test_index_lists_records_and_offsets(coco_shards):
+    index = json.loads((coco_shards / "val-index.json").read_text())
+    assert len(index["shards"]) >= 2, "bounded size must split the toy val set"
+    assert sum(s["records"] for s in index["shards"]) == len(index["records"])
+    rec = index["records"][5]
+    with open(coco_shards / index["shards"][rec["shard"]]["name"], "rb") as f:
+        f.seek(rec["offsets"]["json"][0])
+        meta = json.loads(f.read(rec["offsets"]["json"][1]))
+    assert meta["classes"] == rec["classes"]
+    for shard in index["shards"]:
+        assert (coco_shards / shard["name"]).stat().st_size <= 400_000 + 200_000
+
+
+def _copy_toy(toy_coco: Path, dst: Path) -> Path:
+    shutil.copytree(toy_coco, dst)
+    return dst
+
+
+def test_bad_images_are_skipped_and_named(toy_coco, tmp_path):
+    root = _copy_toy(toy_coco, tmp_path / "coco")
+    ann_file = root / "annotations/instances_val2014.json"
+    data = json.loads(ann_file.read_text())
+    imgs = data["images"]
+    (root / "val2014" / imgs[0]["file_name"]).unlink()  # named in the json, absent
+    (root / "val2014" / imgs[1]["file_name"]).write_bytes(b"\xff\xd8 not a jpeg")  # unreadable
+    imgs[2]["height"] += 7  # the json's size differs from the image (so the label would too)
+    ann_file.write_text(json.dumps(data))
+    source = CocoSource(root / "val2014", ann_file)
+    summary = write_shards(source, tmp_path / "out", "val", "coco", source.class_names, progress=False)
+    assert summary.records == len(imgs) - 3 and len(summary.skipped) == 3
+    text = "\n".join(summary.lines())
+    for i in range(3):
+        assert imgs[i]["file_name"] in text
+    assert "image not found" in text and "unreadable image" in text and "size mismatch" in text
+    index = json.loads((tmp_path / "out/val-index.json").read_text())
+    assert len(index["skipped"]) == 3
+
+
+def test_missing_inputs_are_named(toy_coco, tmp_path, capsys):
+    assert main(["shards", "coco", "--images", str(tmp_path / "nope"), "--annotations",
+                 str(toy_coco / "annotations/instances_val2014.json"), "--out", str(tmp_path / "o")]) == 2
+    assert str(tmp_path / "nope") in capsys.readouterr().err
+    assert main(["shards", "coco", "--images", str(toy_coco / "val2014"), "--annotations",
+                 str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert main(["shards", "coco", "--images", str(toy_coco / "val2014"), "--annotations",
+                 str(broken), "--out", str(tmp_path / "o")]) == 2
+    assert "broken.json" in capsys.readouterr().err
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _DyingSource:
+    """The items of a source; building the `n`-th record raises (a writer killed mid-shard)."""
+
+    def __init__(self, source, n):
+        self.items, self.class_names = list(source), source.class_names
+        item = self.items[n]
+        self.items[n] = dataclasses.replace(item, label=lambda: (_ for _ in ()).throw(_Interrupt()))
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)
+
+
+def test_interrupted_write_resumes_without_rewriting(toy_coco, tmp_path):
+    source = CocoSource(toy_coco / "train2014", toy_coco / "annotations/instances_train2014.json")
+    whole = tmp_path / "whole"
+    write_shards(source, whole, "train", "coco", source.class_names, max_shard_bytes=300_000, progress=False)
+    out = tmp_path / "resumed"
+    with pytest.raises(_Interrupt):
+        write_shards(_DyingSource(source, 70), out, "train", "coco", source.class_names,
+                     max_shard_bytes=300_000, progress=False)
+    complete = sorted(out.glob("train-*.tar"))
+    assert complete and list(out.glob("*.tmp")), "a complete shard and a partial temporary one"
+    assert not (out / "train-index.json").exists()
+    stamps = {p.name: p.stat().st_mtime_ns for p in complete}
+    summary = write_shards(source, out, "train", "coco", source.class_names, max_shard_bytes=300_000, progress=False)
+    assert summary.shards_kept == len(complete)
+    assert {p.name: p.stat().st_mtime_ns for p in complete} == stamps  # not rewritten
+    assert not list(out.glob("*.tmp"))
+    keys = [e["key"] for e in json.loads((out / "train-index.json").read_text())["records"]]
+    assert len(keys) == len(set(keys)) == len(source)
+    for a, b in zip(sorted(whole.glob("train-*.tar")), sorted(out.glob("train-*.tar")), strict=True):
+        assert a.read_bytes() == b.read_bytes()  # same shards as an uninterrupted run
+    # a rerun of a finished write changes nothing
+    again = write_shards(source, out, "train", "coco", source.class_names, max_shard_bytes=300_000, progress=False)
+    assert again.shards_written == 0 and again.records == len(source)
+
+
+def test_foreign_shards_refused(toy_coco, coco_shards, tmp_path):
+    out = tmp_path / "mixed"
+    out.mkdir()
+    shutil.copy(coco_shards / "val-000000.tar", out / "train-000000.tar")
+    source = CocoSource(toy_coco / "train2014", toy_coco / "annotations/instances_train2014.json")
+    with pytest.raises(ValueError, match="records this source does not list"):
+        write_shards(source, out, "train", "coco", source.class_names, progress=False)
+
+
+def test_shard_members_are_plain_webdataset(coco_shards):
+    with tarfile.open(coco_shards / "train-000000.tar") as tar:
+        names = tar.getnames()[:3]
+    key = names[0].rsplit(".", 1)[0]
+    assert names == [f"{key}.json", f"{key}.jpg", f"{key}.png"] and key.startswith("train2014/")
+    entries = read_shard_entries(coco_shards / "train-000000.tar", 0)
+    assert entries[0]["key"] == key
+
+
+def test_pascal_shards(tmp_path):
+    from jc2a.data.toy import write_toy_voc
+
+    root = tmp_path / "VOC2012"
+    write_toy_voc(root, train_images=30, val_images=12, size=96, seed=1)
+    train_list = root / "ImageSets/SegmentationAug/train_aug.txt"
+    val_ids = (root / "ImageSets/Segmentation/val.txt").read_text().split()
+    # PFENet-style pair lines, a duplicate and a val image in the train list are all handled
+    lines = [f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png" for i in train_list.read_text().split()]
+    train_list.write_text("\n".join(lines + lines[:3] + [val_ids[0]]) + "\n")
+    assert main(["shards", "pascal", "--root", str(root), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    train = json.loads((tmp_path / "out/train-index.json").read_text())
+    val = json.loads((tmp_path / "out/val-index.json").read_text())
+    assert len(train["records"]) == 30 and len(val["records"]) == 12
+    assert not {r["key"] for r in train["records"]} & {r["key"] for r in val["records"]}
+    assert train["classes"]["1"] == "aeroplane" and train["classes"]["20"] == "tvmonitor"
+    sample = next(iter(wds.WebDataset(str(tmp_path / "out/val-000000.tar"), shardshuffle=False)))
+    label = decode_label(sample["png"])
+    original = np.array(__import__("PIL.Image", fromlist=["Image"]).open(
+        root / "SegmentationClassAug" / (sample["__key__"].split("/")[1] + ".png")))
+    np.testing.assert_array_equal(label, original)
+    assert 255 in label
