@@ -16,7 +16,7 @@ def toy_coco(tmp_path_factory) -> Path:
     from jc2a.data.toy import write_toy_coco
 
     root = tmp_path_factory.mktemp("toy") / "coco"
-    write_toy_coco(root, train_images=120, val_images=120, size=128, seed=0)
+    write_toy_coco(root, train_images=120, val_images=240, size=128, seed=0)
     return root
 
 

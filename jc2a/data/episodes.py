@@ -281,6 +281,24 @@ def usable_pairs(shards: ShardSet, classes: Sequence[int], min_pixels: int) -> i
 # --------------------------------------------------------------------------- loaders from a config
 
 
+class EpisodeLoader(wds.WebLoader):
+    """webdataset's WebLoader over a TrainEpisodes stream, `batches` batches an epoch (`with_epoch`).
+
+    `set_epoch(e)` before iterating gives epoch `e` its own reproducible draw.
+    """
+
+    def __init__(self, dataset: TrainEpisodes, batches: int, **loader_args) -> None:
+        super().__init__(dataset, **loader_args)
+        self.dataset, self.batches = dataset, batches
+        self.with_epoch(batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.batches
+
+
 def _classes(cfg: Config, split: str) -> list[int]:
     fold = (base_classes if split == "train" else novel_classes)(cfg.data.dataset, cfg.data.fold)
     return fold
@@ -288,12 +306,12 @@ def _classes(cfg: Config, split: str) -> list[int]:
 
 def train_loader(
     cfg: Config, rank: int = 0, world: int = 1, batch_size: Optional[int] = None, shards: Optional[ShardSet] = None
-) -> wds.WebLoader:
+) -> EpisodeLoader:
     """The training loader of a rank: a fixed number of batches per epoch (`with_epoch`).
 
     Episodes per epoch (over all ranks) are `data.episodes_per_epoch`, or one per usable base-class
     pair when 0; each rank yields ceil(episodes / (world * batch_size)) batches. Call
-    `loader.dataset.set_epoch(e)` before each epoch.
+    `loader.set_epoch(e)` before each epoch.
     """
     batch_size = batch_size or cfg.train.batch_size
     shards = shards or ShardSet(cfg.data.shards, cfg.data.train_split)
@@ -317,10 +335,9 @@ def train_loader(
             f"{shards.index_url}: no base-class pair of fold {cfg.data.fold} covers >= {cfg.data.min_pixels} pixels"
         )
     batches = math.ceil(episodes / (world * batch_size))
-    loader = wds.WebLoader(
-        dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate, drop_last=False
+    return EpisodeLoader(
+        dataset, batches, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate
     )
-    return loader.with_epoch(batches)
 
 
 def eval_loader(
