@@ -124,9 +124,7 @@ def test_training_stream_is_seeded(toy_cfg):
 def test_shards_split_by_node_and_worker(toy_cfg):
     train = ShardSet(toy_cfg.data.shards, "train")
     assert len(train.urls) >= 2
-    parts = [
-        TrainEpisodes(train, [1], 1, 1, None, rank=r, world=2).shard_urls() for r in range(2)
-    ]
+    parts = [TrainEpisodes(train, [1], 1, 1, None, rank=r, world=2).shard_urls() for r in range(2)]
     assert not set(parts[0]) & set(parts[1]) and set(parts[0]) | set(parts[1]) == set(train.urls)
 
 
@@ -151,8 +149,15 @@ def test_corrupt_jpeg_is_skipped_and_counted(toy_cfg, coco_shards, tmp_path, cap
     train = ShardSet(str(tmp_path / "shards"), "train")
     train.urls = train.urls[:1]  # stream the corrupted shard only
     mean_std = ((0.5,) * 3, (0.25,) * 3)
-    stream = TrainEpisodes(train, base_classes("coco20i", 0), 1, 200,
-                           train_transform(toy_cfg.data.augment, 65, *mean_std), pool_size=4, shuffle_buffer=1)
+    stream = TrainEpisodes(
+        train,
+        base_classes("coco20i", 0),
+        1,
+        200,
+        train_transform(toy_cfg.data.augment, 65, *mean_std),
+        pool_size=4,
+        shuffle_buffer=1,
+    )
     episodes = []
     for ep in stream:
         episodes.append(ep)

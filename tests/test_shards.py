@@ -127,16 +127,55 @@ def test_bad_images_are_skipped_and_named(toy_coco, tmp_path):
 
 
 def test_missing_inputs_are_named(toy_coco, tmp_path, capsys):
-    assert main(["shards", "coco", "--images", str(tmp_path / "nope"), "--annotations",
-                 str(toy_coco / "annotations/instances_val2014.json"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "shards",
+                "coco",
+                "--images",
+                str(tmp_path / "nope"),
+                "--annotations",
+                str(toy_coco / "annotations/instances_val2014.json"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert str(tmp_path / "nope") in capsys.readouterr().err
-    assert main(["shards", "coco", "--images", str(toy_coco / "val2014"), "--annotations",
-                 str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "shards",
+                "coco",
+                "--images",
+                str(toy_coco / "val2014"),
+                "--annotations",
+                str(tmp_path / "missing.json"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "missing.json" in capsys.readouterr().err
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    assert main(["shards", "coco", "--images", str(toy_coco / "val2014"), "--annotations",
-                 str(broken), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "shards",
+                "coco",
+                "--images",
+                str(toy_coco / "val2014"),
+                "--annotations",
+                str(broken),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "broken.json" in capsys.readouterr().err
 
 
@@ -165,8 +204,9 @@ def test_interrupted_write_resumes_without_rewriting(toy_coco, tmp_path):
     write_shards(source, whole, "train", "coco", source.class_names, max_shard_bytes=300_000, progress=False)
     out = tmp_path / "resumed"
     with pytest.raises(_Interrupt):
-        write_shards(_DyingSource(source, 70), out, "train", "coco", source.class_names,
-                     max_shard_bytes=300_000, progress=False)
+        write_shards(
+            _DyingSource(source, 70), out, "train", "coco", source.class_names, max_shard_bytes=300_000, progress=False
+        )
     complete = sorted(out.glob("train-*.tar"))
     assert complete and list(out.glob("*.tmp")), "a complete shard and a partial temporary one"
     assert not (out / "train-index.json").exists()
@@ -220,7 +260,10 @@ def test_pascal_shards(tmp_path):
     assert train["classes"]["1"] == "aeroplane" and train["classes"]["20"] == "tvmonitor"
     sample = next(iter(wds.WebDataset(str(tmp_path / "out/val-000000.tar"), shardshuffle=False)))
     label = decode_label(sample["png"])
-    original = np.array(__import__("PIL.Image", fromlist=["Image"]).open(
-        root / "SegmentationClassAug" / (sample["__key__"].split("/")[1] + ".png")))
+    original = np.array(
+        __import__("PIL.Image", fromlist=["Image"]).open(
+            root / "SegmentationClassAug" / (sample["__key__"].split("/")[1] + ".png")
+        )
+    )
     np.testing.assert_array_equal(label, original)
     assert 255 in label

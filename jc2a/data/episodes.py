@@ -244,7 +244,9 @@ class TrainEpisodes(IterableDataset):
                 log.warning("skipped %s", exc)
                 continue
             usable = [
-                self.classes[k] for k, n in sorted(meta["classes"].items()) if k in self.classes and n >= self.min_pixels
+                self.classes[k]
+                for k, n in sorted(meta["classes"].items())
+                if k in self.classes and n >= self.min_pixels
             ]
             for class_id in rng.permutation(usable) if usable else []:
                 class_id = int(class_id)
@@ -335,9 +337,7 @@ def train_loader(
             f"{shards.index_url}: no base-class pair of fold {cfg.data.fold} covers >= {cfg.data.min_pixels} pixels"
         )
     batches = math.ceil(episodes / (world * batch_size))
-    return EpisodeLoader(
-        dataset, batches, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate
-    )
+    return EpisodeLoader(dataset, batches, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
 
 
 def eval_loader(

@@ -85,7 +85,9 @@ class ShardSet:
             by_name = {shard_basename(u): u for u in explicit}
             missing = [n for n in names if n not in by_name]
             if missing:
-                raise ValueError(f"{self.location}: pattern does not cover shard {missing[0]} listed in {self.index_url}")
+                raise ValueError(
+                    f"{self.location}: pattern does not cover shard {missing[0]} listed in {self.index_url}"
+                )
             self.urls = [by_name[n] for n in names]
         else:
             prefix = self.index_url[: -len(index_name(split))]

@@ -42,7 +42,9 @@ def save_episode_figure(episode: dict, path: Path, mean, std, class_names: dict[
     fig, axes = plt.subplots(1, shots + 1, figsize=(3 * (shots + 1), 3.3), squeeze=False)
     panels = [("query", episode["query_img"], episode["query_mask"], episode.get("query_key", ""))]
     keys = episode.get("support_keys", [""] * shots)
-    panels += [(f"support {k + 1}", episode["support_imgs"][k], episode["support_masks"][k], keys[k]) for k in range(shots)]
+    panels += [
+        (f"support {k + 1}", episode["support_imgs"][k], episode["support_masks"][k], keys[k]) for k in range(shots)
+    ]
     for ax, (name, img, mask, key) in zip(axes[0], panels):
         ax.imshow(overlay(to_rgb(img, mean, std), mask.numpy()))
         ax.set_title(f"{name}\n{key}", fontsize=7)
