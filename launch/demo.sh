@@ -7,5 +7,5 @@ export PATH="$PWD/.venv/bin:$PATH"
 jc2a toy --out runs/toy/coco --train-images 240 --val-images 240
 jc2a shards coco --root runs/toy/coco --out runs/toy/shards
 jc2a preview --config configs/toy.yaml --episodes 4
-jc2a summary --backbone resnet18 --size 129
+jc2a summary
 echo "demo done: episode pictures in runs/toy/preview/"

@@ -1,0 +1,289 @@
+"""The JC2A network (SPEC §2): backbone, HPAM, CKMM, MIA decoder, its loss and K-shot fusion, and its builder."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from jc2a.config import Config
+from jc2a.data.folds import base_classes
+from jc2a.model.backbone import Backbone, create_backbone, feature_size
+from jc2a.model.ckmm import REDUCTIONS, PrototypeBank, weighted_gap
+from jc2a.model.decoder import MIA_OPS, FeatureEnrichment, aggregate, aggregate_channels
+from jc2a.model.hpam import HPAM
+from jc2a.model.prior import pfenet_prior, resize_mask
+
+__all__ = ["IGNORE_INDEX", "JC2A", "JC2AOutput", "build_model", "pyramid_bins", "pyramid_blocks"]
+
+IGNORE_INDEX = 255
+REFERENCE_FEATURE = 60  # layer4 side for a 473 input, the size `model.bins` are written for
+
+
+class JC2AOutput(NamedTuple):
+    """What `JC2A.forward` returns in train mode (eval mode returns `logits` alone)."""
+
+    logits: Tensor  # [B, 2, H, W]; for K > 1 the log of the mean of the K one-shot softmaxes
+    aux_logits: tuple[Tensor, ...]  # one [B, 2, b_l, b_l] per bin, finest first, fused over K the same way
+
+
+def pyramid_bins(bins: Sequence[int], image_size: int) -> list[int]:
+    """Scale bins written for a 473 input (layer4 60x60) to `image_size`: `max(1, round(b * feat / 60))`.
+
+    129 -> feature 17 -> [60, 30, 15, 8] becomes [17, 8, 4, 2]. Equal neighbours are kept: the list keeps its
+    length, so `topk` and `block` still have one entry per bin.
+    """
+    feat = feature_size(image_size)
+    return [max(1, round(b * feat / REFERENCE_FEATURE)) for b in bins]
+
+
+def pyramid_blocks(bins: Sequence[int], topk: Sequence[int], block: Sequence[int]) -> tuple[list[int], list[int]]:
+    """`(topk, block)` fitted to the bins: `m_l <= b_l`, and `k_l` at most the `ceil(b_l / m_l)^2` blocks."""
+    blocks = [min(m, b) for m, b in zip(block, bins)]
+    ks = [min(k, math.ceil(b / m) ** 2) for k, b, m in zip(topk, bins, blocks)]
+    return ks, blocks
+
+
+def _log_mean_softmax(logits: Tensor, shots: int) -> Tensor:
+    """Decision-level K-shot fusion: `[B*K, n, ...]` -> `log(mean_k softmax(logits_k))` `[B, n, ...]` (fp32).
+
+    Its softmax is exactly the mean of the K softmaxes (its exp already sums to one over the classes).
+    """
+    if shots == 1:
+        return logits
+    log_p = F.log_softmax(logits.float(), dim=1)
+    return torch.logsumexp(log_p.view(-1, shots, *log_p.shape[1:]), dim=1) - math.log(shots)
+
+
+def _cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """CE (ignore 255) in fp32, logits upsampled to the target size; zero, not NaN, when every pixel is ignored."""
+    if tuple(logits.shape[-2:]) != tuple(target.shape[-2:]):
+        logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=True)
+    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (target != IGNORE_INDEX).sum().clamp_min(1)
+
+
+class JC2A(nn.Module):
+    """Joint Class-aware and Class-agnostic Alignment network for few-shot segmentation.
+
+    One-shot path, per bin b_l: `init_merge([f_q, prototype, MIA(P_aw, P_ag) (, PFENet prior)])`, then PFENet's
+    FEM. `P_aw` is HPAM's aligned prototype (Eq. 10), `P_ag` CKMM's class-agnostic map (Eq. 13). With neither
+    HPAM nor CKMM (nor the prior) this is the paper's baseline: PFENet without its prior. K shots: the one-shot
+    path runs once per support and the K foreground probability maps are averaged (decision-level fusion).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        bins: Sequence[int],
+        *,
+        feat_dim: int = 256,
+        dropout: float = 0.5,
+        hpam: Optional[HPAM] = None,
+        prototype_bank: Optional[PrototypeBank] = None,
+        ckmm_reduce: str = "mean",
+        pfenet_prior: bool = False,
+        mia: str = "concat",
+        aux_weight: float = 1.0,
+        num_classes: int = 2,
+    ) -> None:
+        """Args:
+        backbone: four-stage stride-8 feature extractor (`create_backbone`).
+        bins: pyramid bin sizes, finest first, already scaled to the input size (`pyramid_bins`).
+        feat_dim: C, width of the reduced mid-level features and of the decoder.
+        dropout: Dropout2d after the mid-level reduction (PFENet's `down_query`, `down_supp`).
+        hpam: the Hybrid Prototype Alignment Module (same `dim` and `bins`), or None for no class-aware alignment.
+        prototype_bank: CKMM's base-class bank (`dim` = the backbone's layer4 channels), or None: no CKMM.
+        ckmm_reduce: `mean` (Eq. 13) or `max` over the base classes.
+        pfenet_prior: also feed PFENet's class-specific prior mask (Table 5's PFENet rows).
+        mia: how `P_aw` and `P_ag` are aggregated (Eq. 14): `concat`, `add` or `multiply`.
+        aux_weight: weight of the mean per-bin auxiliary CE in `loss`.
+        num_classes: 2 (background, foreground).
+        """
+        super().__init__()
+        if mia not in MIA_OPS:
+            raise ValueError(f"unknown MIA op {mia!r}: expected one of {', '.join(MIA_OPS)}")
+        if ckmm_reduce not in REDUCTIONS:
+            raise ValueError(f"unknown CKMM reduction {ckmm_reduce!r}: expected one of {', '.join(REDUCTIONS)}")
+        if hpam is not None and (hpam.dim != feat_dim or list(hpam.bins) != list(bins)):
+            raise ValueError(f"HPAM was built for dim {hpam.dim}, bins {list(hpam.bins)}; model has {feat_dim}, {bins}")
+        c2, c3, c4 = backbone.channels[1:]
+        if prototype_bank is not None and prototype_bank.dim != c4:
+            raise ValueError(f"prototype bank has dim {prototype_bank.dim}, the backbone's layer4 has {c4} channels")
+        self.bins = [int(b) for b in bins]
+        self.feat_dim = feat_dim
+        self.ckmm_reduce = ckmm_reduce
+        self.use_pfenet_prior = pfenet_prior
+        self.mia = mia
+        self.aux_weight = aux_weight
+
+        # 1. backbone and the mid-level reductions cat(layer3, layer2) -> C
+        self.backbone = backbone
+        self.down_query = nn.Sequential(
+            nn.Conv2d(c3 + c2, feat_dim, kernel_size=1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(p=dropout)
+        )
+        self.down_supp = nn.Sequential(
+            nn.Conv2d(c3 + c2, feat_dim, kernel_size=1, bias=False), nn.ReLU(inplace=True), nn.Dropout2d(p=dropout)
+        )
+        # 2. class-aware (HPAM) and class-agnostic (CKMM) guidance
+        self.hpam = hpam
+        self.prototype_bank = prototype_bank
+        # 3. decoder: [f_q, prototype, MIA(P_aw, P_ag), prior] -> PFENet's FEM
+        guidance = aggregate_channels(hpam.out_dim if hpam is not None else 0, prototype_bank is not None, mia)
+        in_channels = 2 * feat_dim + guidance + int(pfenet_prior)
+        self.decoder = FeatureEnrichment(in_channels, feat_dim, len(self.bins), num_classes)
+
+    # ------------------------------------------------------------------ features
+
+    def _features(self, img: Tensor, down: nn.Module) -> tuple[Tensor, Tensor]:
+        """`[N, 3, H, W]` -> (reduced mid-level `[N, C, h, w]`, layer4 `[N, D, h, w]`)."""
+        _, layer2, layer3, layer4 = self.backbone(img)
+        return down(torch.cat([layer3, layer2], dim=1)), layer4
+
+    @torch.no_grad()
+    def extract_bank_features(self, img: Tensor) -> Tensor:
+        """The feature CKMM's prototypes are taken from: layer4 `[B, D, h, w]` of images `[B, 3, H, W]`.
+
+        Runs the backbone in eval mode (a trainable backbone's BatchNorm statistics are left untouched).
+        """
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            return self.backbone(img)[3]
+        finally:
+            self.backbone.train(was_training)
+
+    @torch.no_grad()
+    def update_bank(self, img: Tensor, mask: Tensor, class_id: Tensor) -> int:
+        """Add a batch of (image `[B, 3, H, W]`, mask `[B, H, W]` 0/1/255, class `[B]`) to the bank (Eq. 11).
+
+        Returns the number of instances added. Call `prototype_bank.all_reduce()` once every rank is done.
+        """
+        if self.prototype_bank is None:
+            raise RuntimeError("this model has no prototype bank (model.ckmm.enabled is false)")
+        return self.prototype_bank.update(self.extract_bank_features(img), mask, class_id)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor) -> Union[Tensor, JC2AOutput]:
+        """Segment the query with K supports.
+
+        Args:
+            query_img: `[B, 3, H, W]`.
+            support_imgs: `[B, K, 3, H_s, W_s]`.
+            support_masks: `[B, K, H_s, W_s]`, 1 target, 0 background, 255 ignore (not target).
+
+        Returns:
+            Eval mode: logits `[B, 2, H, W]` (K > 1: `log` of the mean of the K one-shot softmaxes).
+            Train mode: `JC2AOutput(logits, aux_logits)` for `loss`.
+        """
+        shots = support_imgs.shape[1]
+        # 1. features; the query is shared by the K one-shot paths, which run as one batch of B*K
+        f_q, q4 = self._features(query_img, self.down_query)  # [B, C, h, w], [B, D, h, w]
+        f_s, s4 = self._features(support_imgs.flatten(0, 1), self.down_supp)  # [B*K, ...]
+        mask = resize_mask((support_masks.flatten(0, 1) == 1).unsqueeze(1), tuple(f_s.shape[-2:]))  # [B*K, 1, h, w]
+        prototype = weighted_gap(f_s, mask).to(f_s.dtype)[..., None, None]  # Eq. 11, [B*K, C, 1, 1]
+        size = tuple(f_q.shape[-2:])
+
+        # 2. class-agnostic map (Eq. 13) per query, PFENet's prior per (query, support) pair
+        p_ag = None
+        if self.prototype_bank is not None:
+            p_ag = self.prototype_bank.probability_map(q4, self.ckmm_reduce).repeat_interleave(shots, dim=0)
+        prior = pfenet_prior(q4.repeat_interleave(shots, dim=0), s4, mask) if self.use_pfenet_prior else None
+        f_q = f_q.repeat_interleave(shots, dim=0)
+
+        # 3. per bin: [f_q, prototype, MIA(P_aw, P_ag) (Eq. 14), prior]
+        inputs = []
+        for level, b in enumerate(self.bins):
+            fq_b = F.adaptive_avg_pool2d(f_q, b)
+            parts = [fq_b, prototype.expand(-1, -1, b, b)]
+            p_aw = None
+            if self.hpam is not None:  # Eq. 10
+                p_aw = self.hpam(level, fq_b, F.adaptive_avg_pool2d(f_s, b), F.adaptive_avg_pool2d(mask, b))
+            p_ag_b = _resize(p_ag, b)
+            parts += aggregate(p_aw, None if p_ag_b is None else p_ag_b.to(fq_b.dtype), self.mia)
+            if prior is not None:
+                parts.append(_resize(prior, b).to(fq_b.dtype))
+            inputs.append(torch.cat(parts, dim=1))
+
+        # 4. decoder, upsampling to the input size, K-shot fusion
+        logits, aux = self.decoder(inputs, size)
+        logits = F.interpolate(logits, size=query_img.shape[-2:], mode="bilinear", align_corners=True)
+        logits = _log_mean_softmax(logits, shots)
+        if not self.training:
+            return logits
+        return JC2AOutput(logits, tuple(_log_mean_softmax(a, shots) for a in aux))
+
+    # ------------------------------------------------------------------ loss
+
+    def loss(self, output: Union[Tensor, JC2AOutput], query_mask: Tensor) -> Tensor:
+        """CE (ignore 255) on the final logits + `aux_weight` x mean CE of the per-bin outputs.
+
+        Args:
+            output: what `forward` returned (a bare logits tensor has no auxiliary term).
+            query_mask: `[B, H, W]`, 1 target, 0 background, 255 ignore.
+
+        Returns:
+            A scalar. For K > 1 the logits are log-probabilities, so the CE is the NLL of the fused prediction.
+        """
+        logits, aux = (output.logits, output.aux_logits) if isinstance(output, JC2AOutput) else (output, ())
+        target = query_mask.long()
+        main = _cross_entropy(logits, target)
+        if not aux or self.aux_weight == 0:
+            return main
+        aux_loss = torch.stack([_cross_entropy(a, target) for a in aux]).mean()
+        return main + self.aux_weight * aux_loss
+
+
+def _resize(x: Optional[Tensor], b: int) -> Optional[Tensor]:
+    """A probability map `[N, 1, h, w]` resized bilinearly to `b x b` (PFENet's `align_corners=True`)."""
+    if x is None or tuple(x.shape[-2:]) == (b, b):
+        return x
+    return F.interpolate(x, size=(b, b), mode="bilinear", align_corners=True)
+
+
+def build_model(cfg: Config) -> JC2A:
+    """Build JC2A from a resolved config: `cfg.model` for the network, `cfg.data` for the bins and the bank.
+
+    The bins are scaled to `cfg.data.image_size`; the prototype bank (CKMM) holds the base classes of
+    `cfg.data.dataset` / `cfg.data.fold` and starts empty: fill it with `extract_bank_features` and
+    `prototype_bank.update`, or `prototype_bank.load(cfg.model.ckmm.bank_file)`.
+    """
+    mc = cfg.model
+    backbone = create_backbone(
+        mc.backbone.name, pretrained=mc.backbone.pretrained, weights=mc.backbone.weights, frozen=mc.backbone.frozen
+    )
+    bins = pyramid_bins(mc.bins, cfg.data.image_size)
+    hpam = None
+    if mc.hpam.p2p or mc.hpam.p2b:
+        topk, block = pyramid_blocks(bins, mc.hpam.topk, mc.hpam.block)
+        hpam = HPAM(
+            mc.feat_dim,
+            bins,
+            topk,
+            block,
+            p2p=mc.hpam.p2p,
+            p2b=mc.hpam.p2b,
+            pos_embed=mc.hpam.pos_embed,
+            attention=mc.hpam.attention,
+            merge=mc.hpam.merge,
+        )
+    bank = None
+    if mc.ckmm.enabled:
+        meta = {"backbone": mc.backbone.name, "dataset": cfg.data.dataset, "fold": cfg.data.fold}
+        bank = PrototypeBank(base_classes(cfg.data.dataset, cfg.data.fold), backbone.channels[-1], meta=meta)
+    return JC2A(
+        backbone,
+        bins,
+        feat_dim=mc.feat_dim,
+        dropout=mc.dropout,
+        hpam=hpam,
+        prototype_bank=bank,
+        ckmm_reduce=mc.ckmm.reduce,
+        pfenet_prior=mc.pfenet_prior,
+        mia=mc.mia,
+        aux_weight=mc.aux_weight,
+    )

@@ -1,0 +1,232 @@
+"""CKMM: wGAP (Eq. 11), the prototype bank (Eq. 12) and its files and all-reduce, the map (Eq. 13), PFENet's prior."""
+
+from __future__ import annotations
+
+import math
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from jc2a.model.ckmm import PrototypeBank, class_agnostic_map, weighted_gap
+from jc2a.model.prior import minmax_normalize, pfenet_prior
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _feats() -> torch.Tensor:
+    return torch.arange(8, dtype=torch.float32).view(1, 2, 2, 2)  # channel 0: 0 1 / 2 3, channel 1: 4 5 / 6 7
+
+
+def test_weighted_gap_matches_manual():
+    feat = _feats()
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    out = weighted_gap(feat, mask, eps=0.0)
+    assert torch.allclose(out, torch.tensor([[(0 + 3) / 2, (4 + 7) / 2]]))
+    # PFENet's eps keeps an empty mask finite (zero prototype)
+    assert torch.equal(weighted_gap(feat, torch.zeros(1, 1, 2, 2)), torch.zeros(1, 2))
+
+
+def test_bank_update_manual_values_counts_and_ignore():
+    bank = PrototypeBank([3, 5, 9], dim=2)
+    feats = torch.cat([_feats(), _feats() * 10, _feats(), _feats(), _feats()])
+    masks = torch.tensor(
+        [
+            [[1, 255], [0, 1]],  # class 5: 255 is not target -> positions (0,0), (1,1)
+            [[0, 1], [0, 0]],  # class 5: position (0,1) of the x10 feature
+            [[255, 255], [0, 0]],  # class 3: no target pixel -> skipped
+            [[1, 1], [1, 1]],  # class 7: not a base class -> skipped
+            [[0, 0], [1, 0]],  # class 9: position (1,0)
+        ]
+    )
+    added = bank.update(feats, masks, torch.tensor([5, 5, 3, 7, 9]))
+    assert added == 3
+    assert bank.counts.tolist() == [0, 2, 1]
+    expected_5 = torch.tensor([[1.5, 5.5], [10.0, 50.0]]).sum(0)  # two instances summed
+    assert torch.allclose(bank.sums[1].float(), expected_5)
+    protos = bank.prototypes()
+    assert protos.dtype == torch.float32
+    assert torch.allclose(protos[1], expected_5 / 2)
+    assert torch.allclose(protos[2], torch.tensor([2.0, 6.0]))
+    assert torch.equal(protos[0], torch.zeros(2))  # unseen class: zero row
+    assert bank.seen.tolist() == [False, True, True]
+
+
+def test_bank_mask_resized_bilinear_align_corners():
+    bank = PrototypeBank([1], dim=2)
+    mask = torch.zeros(1, 4, 4, dtype=torch.long)
+    mask[0, 0, 0] = mask[0, 3, 3] = 1  # align_corners=True samples exactly the four corners for 4x4 -> 2x2
+    bank.update(_feats(), mask, [1])
+    assert torch.allclose(bank.prototypes()[0], torch.tensor([1.5, 5.5]))
+
+
+def test_bank_keeps_float64_sums_under_half():
+    bank = PrototypeBank([1, 2], dim=4)
+    bank.sums.fill_(70000.0 + 1 / 3)  # beyond fp16's range
+    bank.half()
+    assert bank.sums.dtype == torch.float64 and bank.sums[0, 0].item() == 70000.0 + 1 / 3
+
+
+def test_bank_save_load_round_trip(tmp_path):
+    meta = {"backbone": "resnet18", "dataset": "pascal5i", "fold": 1}
+    bank = PrototypeBank([1, 2, 3], dim=4, meta=meta)
+    bank.update(torch.rand(3, 4, 5, 5), torch.randint(0, 2, (3, 9, 9)), [1, 3, 3])
+    path = bank.save(tmp_path / "bank.pt", meta={"shards": "x"})
+    other = PrototypeBank([1, 2, 3], dim=4, meta=meta)
+    other.load(path)
+    assert torch.equal(other.sums, bank.sums) and torch.equal(other.counts, bank.counts)
+    assert torch.equal(other.prototypes(), bank.prototypes())
+    assert torch.load(path, weights_only=True)["meta"]["shards"] == "x"
+    assert not (tmp_path / "bank.pt.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    "classes, meta, field",
+    [
+        ([1, 2, 3], {"backbone": "resnet50", "dataset": "pascal5i", "fold": 1}, "backbone"),
+        ([1, 2, 3], {"backbone": "resnet18", "dataset": "pascal5i", "fold": 2}, "fold"),
+        ([1, 2, 3], {"backbone": "resnet18", "dataset": "coco20i", "fold": 1}, "dataset"),
+        ([1, 2, 4], {"backbone": "resnet18", "dataset": "pascal5i", "fold": 1}, "class_ids"),
+    ],
+)
+def test_bank_mismatch_refused_naming_file_and_field(tmp_path, classes, meta, field):
+    path = PrototypeBank([1, 2, 3], dim=4, meta={"backbone": "resnet18", "dataset": "pascal5i", "fold": 1}).save(
+        tmp_path / "bank.pt"
+    )
+    with pytest.raises(ValueError, match=rf"{path}.*{field}="):
+        PrototypeBank(classes, dim=4, meta=meta).load(path)
+    with pytest.raises(ValueError, match="dim="):
+        PrototypeBank([1, 2, 3], dim=8).load(path)
+
+
+def test_bank_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        PrototypeBank([1], dim=2).load(tmp_path / "missing.pt")
+
+
+def test_all_reduce_is_a_noop_without_distributed():
+    bank = PrototypeBank([1], dim=2)
+    bank.update(_feats(), torch.ones(1, 2, 2, dtype=torch.long), [1])
+    before = bank.sums.clone()
+    bank.all_reduce()
+    assert torch.equal(bank.sums, before) and bank.counts.tolist() == [1]
+
+
+_WORKER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from jc2a.model.ckmm import PrototypeBank
+
+    def worker(rank, port, data_path, out_path):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        data = torch.load(data_path)
+        bank = PrototypeBank(data["classes"], data["feats"].shape[1])
+        for start in range(rank, len(data["feats"]), 2 * 3):  # this rank's half, in batches of 3
+            idx = list(range(start, min(start + 2 * 3, len(data["feats"])), 2))
+            bank.update(data["feats"][idx], data["masks"][idx], data["class_ids"][idx])
+        bank.all_reduce()
+        if rank == 0:
+            bank.save(out_path)
+        dist.barrier()
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(worker, args=(int(sys.argv[1]), sys.argv[2], sys.argv[3]), nprocs=2)
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_all_reduce_over_two_gloo_processes_equals_one_process(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    classes = [2, 4, 6, 8]
+    data = {
+        "classes": classes,
+        "feats": torch.rand(20, 16, 5, 5, generator=g),
+        "masks": torch.randint(0, 2, (20, 17, 17), generator=g),
+        "class_ids": torch.tensor([2, 4, 6, 8, 3] * 4),
+    }
+    data["masks"][:, :3] = 255  # ignored rows: not target
+    torch.save(data, tmp_path / "data.pt")
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    out = tmp_path / "bank.pt"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(_free_port()), str(tmp_path / "data.pt"), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-2000:]
+
+    single = PrototypeBank(classes, 16)
+    single.update(data["feats"], data["masks"], data["class_ids"])
+    reduced = PrototypeBank(classes, 16)
+    reduced.load(out)
+    assert reduced.counts.tolist() == single.counts.tolist() == [4, 4, 4, 4]
+    assert torch.allclose(reduced.sums, single.sums, rtol=0, atol=1e-12)
+    assert torch.allclose(reduced.prototypes(), single.prototypes(), rtol=0, atol=1e-6)
+
+
+def test_probability_map_mean_vs_max():
+    # two unit prototypes; query positions [1,0], [1,1], [0,1]
+    protos = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    seen = torch.tensor([True, True, False])  # the third class was never seen: left out
+    feat = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]).view(1, 2, 1, 3)
+    mean = class_agnostic_map(feat, protos, seen, "mean")  # cos means: 0.5, 0.707, 0.5
+    best = class_agnostic_map(feat, protos, seen, "max")  # cos max: 1, 0.707, 1
+    assert torch.allclose(mean.flatten(), torch.tensor([0.0, 1.0, 0.0]), atol=1e-5)
+    assert torch.allclose(best.flatten(), torch.tensor([1.0, 0.0, 1.0]), atol=1e-5)
+    # Eq. 13 before the normalisation: the mean of the cosines at [1, 1] is 1/sqrt(2)
+    raw = torch.nn.functional.normalize(feat.flatten(2), dim=1).transpose(1, 2) @ protos[:2].t()
+    assert math.isclose(raw.mean(-1)[0, 1].item(), 1 / math.sqrt(2), rel_tol=1e-6)
+
+
+def test_probability_map_range_and_empty_bank():
+    bank = PrototypeBank([1, 2, 3], dim=8)
+    feat = torch.rand(2, 8, 6, 6)
+    empty = bank.probability_map(feat)
+    assert empty.shape == (2, 1, 6, 6) and torch.equal(empty, torch.zeros_like(empty))
+    bank.update(torch.rand(4, 8, 6, 6), torch.randint(0, 2, (4, 12, 12)), [1, 2, 2, 3])
+    for reduce in ("mean", "max"):
+        p = bank.probability_map(feat, reduce)
+        assert p.dtype == torch.float32 and p.min() >= 0 and p.max() <= 1
+        lo, hi = p.flatten(1).amin(1), p.flatten(1).amax(1)
+        assert torch.allclose(lo, torch.zeros(2)) and torch.allclose(hi, torch.ones(2))
+    constant = bank.probability_map(torch.ones(1, 8, 3, 3))  # a constant map -> zeros, finite
+    assert torch.equal(constant, torch.zeros_like(constant))
+
+
+def test_minmax_constant_is_zero():
+    out = minmax_normalize(torch.full((2, 1, 3, 3), 4.0))
+    assert torch.isfinite(out).all() and out.abs().max() == 0
+
+
+def test_pfenet_prior_matches_manual():
+    g = torch.Generator().manual_seed(1)
+    q = torch.rand(1, 3, 2, 2, generator=g)
+    s = torch.rand(1, 3, 2, 2, generator=g)
+    mask = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    prior = pfenet_prior(q, s, mask)
+    masked = (s * mask).flatten(2)[0].t()  # [4, 3]
+    raw = torch.zeros(4)
+    for i, qv in enumerate(q.flatten(2)[0].t()):
+        raw[i] = max(float(sv @ qv / (sv.norm() * qv.norm() + 1e-7)) for sv in masked)
+    expected = (raw - raw.min()) / (raw.max() - raw.min() + 1e-7)
+    assert torch.allclose(prior.flatten(), expected, atol=1e-6)
+    # an empty support mask gives an all-zero prior, finite
+    empty = pfenet_prior(q, s, torch.zeros(1, 1, 2, 2))
+    assert torch.isfinite(empty).all() and empty.abs().max() == 0
