@@ -230,3 +230,25 @@ def test_pfenet_prior_matches_manual():
     # an empty support mask gives an all-zero prior, finite
     empty = pfenet_prior(q, s, torch.zeros(1, 1, 2, 2))
     assert torch.isfinite(empty).all() and empty.abs().max() == 0
+
+
+def test_build_model_reads_the_bank_file(tmp_path):
+    from jc2a.config import load_config
+    from jc2a.model import build_model
+
+    root = Path(__file__).resolve().parents[1]
+    bank_file = tmp_path / "bank.pt"
+    cfg = load_config(root / "configs/toy.yaml", [f"model.ckmm.bank_file={bank_file}"])
+    model = build_model(cfg)  # no file yet: an empty bank, to be built
+    assert int(model.prototype_bank.counts.sum()) == 0
+    feats = torch.rand(2, model.prototype_bank.dim, 5, 5)
+    masks = torch.ones(2, 5, 5, dtype=torch.long)
+    classes = model.prototype_bank.class_ids[:2]
+    model.prototype_bank.update(feats, masks, classes)
+    model.prototype_bank.save(bank_file)
+    again = build_model(cfg)
+    assert torch.equal(again.prototype_bank.sums, model.prototype_bank.sums)
+    assert again.prototype_bank.counts.tolist() == model.prototype_bank.counts.tolist()
+    other_fold = load_config(root / "configs/toy.yaml", [f"model.ckmm.bank_file={bank_file}", "data.fold=1"])
+    with pytest.raises(ValueError, match=r"bank\.pt: prototype bank was built with class_ids="):
+        build_model(other_fold)

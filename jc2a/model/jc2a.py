@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -249,8 +250,9 @@ def build_model(cfg: Config) -> JC2A:
     """Build JC2A from a resolved config: `cfg.model` for the network, `cfg.data` for the bins and the bank.
 
     The bins are scaled to `cfg.data.image_size`; the prototype bank (CKMM) holds the base classes of
-    `cfg.data.dataset` / `cfg.data.fold` and starts empty: fill it with `extract_bank_features` and
-    `prototype_bank.update`, or `prototype_bank.load(cfg.model.ckmm.bank_file)`.
+    `cfg.data.dataset` / `cfg.data.fold`. It is read from `cfg.model.ckmm.bank_file` when that file exists
+    (refused if built for another backbone, dataset or fold), and starts empty otherwise: fill it with
+    `update_bank` (then `prototype_bank.all_reduce()`) and save it there for the next run.
     """
     mc = cfg.model
     backbone = create_backbone(
@@ -275,6 +277,8 @@ def build_model(cfg: Config) -> JC2A:
     if mc.ckmm.enabled:
         meta = {"backbone": mc.backbone.name, "dataset": cfg.data.dataset, "fold": cfg.data.fold}
         bank = PrototypeBank(base_classes(cfg.data.dataset, cfg.data.fold), backbone.channels[-1], meta=meta)
+        if mc.ckmm.bank_file and Path(mc.ckmm.bank_file).is_file():
+            bank.load(mc.ckmm.bank_file)
     return JC2A(
         backbone,
         bins,
