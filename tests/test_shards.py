@@ -126,56 +126,19 @@ def test_bad_images_are_skipped_and_named(toy_coco, tmp_path):
     assert len(index["skipped"]) == 3
 
 
+def _shards_cli(images: Path, annotations: Path, out: Path) -> int:
+    return main(["shards", "coco", "--images", str(images), "--annotations", str(annotations), "--out", str(out)])
+
+
 def test_missing_inputs_are_named(toy_coco, tmp_path, capsys):
-    assert (
-        main(
-            [
-                "shards",
-                "coco",
-                "--images",
-                str(tmp_path / "nope"),
-                "--annotations",
-                str(toy_coco / "annotations/instances_val2014.json"),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
-    )
+    ann = toy_coco / "annotations/instances_val2014.json"
+    assert _shards_cli(tmp_path / "nope", ann, tmp_path / "o") == 2
     assert str(tmp_path / "nope") in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "shards",
-                "coco",
-                "--images",
-                str(toy_coco / "val2014"),
-                "--annotations",
-                str(tmp_path / "missing.json"),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
-    )
+    assert _shards_cli(toy_coco / "val2014", tmp_path / "missing.json", tmp_path / "o") == 2
     assert "missing.json" in capsys.readouterr().err
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    assert (
-        main(
-            [
-                "shards",
-                "coco",
-                "--images",
-                str(toy_coco / "val2014"),
-                "--annotations",
-                str(broken),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 2
-    )
+    assert _shards_cli(toy_coco / "val2014", broken, tmp_path / "o") == 2
     assert "broken.json" in capsys.readouterr().err
 
 
