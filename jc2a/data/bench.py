@@ -72,9 +72,3 @@ def bench_data(
                 rows.append(dict(what="eval episodes", setting=f"{shot}-shot, {workers} workers, S={image_size}",
                                  value=rate, unit="episodes/s"))  # fmt: skip
     return rows
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = ["| what | setting | throughput |", "|---|---|---|"]
-    lines += [f"| {r['what']} | {r['setting']} | {r['value']:.1f} {r['unit']} |" for r in rows]
-    return "\n".join(lines)
