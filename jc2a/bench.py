@@ -145,13 +145,13 @@ def _load() -> float:
         return 0.0
 
 
-def _busy_note(load: float) -> str:
+def _busy_note(load: float, effect: str = "CPU timings suffer") -> str:
     """The load before a measurement (the benchmark's own threads raise it later), with a warning when other
     work was sharing the CPU cores."""
     cores = os.cpu_count() or 1
     note = f"load average {load:.2f} on {cores} cores before the run"
     if load > 0.5 * cores:
-        note += " -- WARNING: the machine was busy; CPU timings suffer, ours most (many short parallel ops)"
+        note += f" -- WARNING: the machine was busy; {effect}"
     return note
 
 
@@ -229,7 +229,7 @@ def bench_hpam(args: argparse.Namespace) -> Report:
     )
     notes.append(_environment(device, args.repeats))
     if device.type == "cpu":
-        notes.append(_busy_note(load_before))
+        notes.append(_busy_note(load_before, "CPU timings suffer, ours most (many short parallel ops)"))
     notes.append(MEMORY_METHOD[device.type])
     return Report("HPAM: linear (ours) vs normal attention", rows, notes, passed)
 
