@@ -9,27 +9,13 @@ import timm
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "create_backbone", "feature_size", "normalization"]
+# one lookup of a backbone's input statistics, shared with the data pipeline that normalises with them
+from jc2a.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalization
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "create_backbone", "feature_size", "normalization"]
 
 OUT_INDICES = (1, 2, 3, 4)  # layer1..layer4 of a ResNet; the four stages after the stem in general
 OUTPUT_STRIDE = 8
-
-
-def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """`(mean, std)` of the images a timm model was trained on, from its pretrained cfg; ImageNet's otherwise.
-
-    Reads timm's registry only: the model is not built and nothing is downloaded.
-    """
-    try:
-        cfg = timm.get_pretrained_cfg(name)
-    except Exception:  # an unknown name or tag: the caller will hear about it when the model is built
-        cfg = None
-    mean = tuple(float(v) for v in getattr(cfg, "mean", None) or IMAGENET_MEAN)
-    std = tuple(float(v) for v in getattr(cfg, "std", None) or IMAGENET_STD)
-    return mean, std
 
 
 def feature_size(image_size: int) -> int:
