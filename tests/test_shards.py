@@ -230,3 +230,22 @@ def test_pascal_shards(tmp_path):
     )
     np.testing.assert_array_equal(label, original)
     assert 255 in label
+
+
+def test_pascal_label_of_another_size_is_skipped_and_named(tmp_path):
+    from PIL import Image
+
+    from jc2a.data.pascal import PascalSource
+    from jc2a.data.toy import write_toy_voc
+
+    root = tmp_path / "VOC2012"
+    write_toy_voc(root, train_images=8, val_images=6, size=64, seed=2)
+    victim = (root / "ImageSets/Segmentation/val.txt").read_text().split()[0]
+    label_path = root / "SegmentationClassAug" / f"{victim}.png"
+    with Image.open(label_path) as im:
+        im.resize((im.width + 5, im.height)).save(label_path)
+    source = PascalSource(root, "val")
+    summary = write_shards(source, tmp_path / "out", "val", "pascal", source.class_names, progress=False)
+    assert summary.records == 5 and len(summary.skipped) == 1
+    reason = summary.skipped[0]["reason"]
+    assert reason.startswith("size mismatch") and f"{victim}.jpg" in reason
