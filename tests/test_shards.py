@@ -243,7 +243,7 @@ def test_pascal_label_of_another_size_is_skipped_and_named(tmp_path):
     victim = (root / "ImageSets/Segmentation/val.txt").read_text().split()[0]
     label_path = root / "SegmentationClassAug" / f"{victim}.png"
     with Image.open(label_path) as im:
-        im.resize((im.width + 5, im.height)).save(label_path)
+        im.resize((im.width + 5, im.height), Image.NEAREST).save(label_path)
     source = PascalSource(root, "val")
     summary = write_shards(source, tmp_path / "out", "val", "pascal", source.class_names, progress=False)
     assert summary.records == 5 and len(summary.skipped) == 1
