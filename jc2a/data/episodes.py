@@ -163,7 +163,9 @@ class TrainEpisodes(IterableDataset):
     shards -> split by node, then by worker -> resample -> tar to samples -> shuffle -> decode
     -> per-class support pools -> episodes -> augmentation. Every usable (image, class) pair becomes a
     query; its K supports are K distinct other images of the class from a bounded pool that the same
-    stream fills. Records that fail to decode are skipped and counted (`self.skipped`, and a warning).
+    stream fills. A pair that arrives while its class has fewer than K other images in the pool only joins
+    the pool (the stream is endless, so the image comes back as a query later). Records that fail to decode
+    are skipped and counted (`self.skipped`, and a warning naming the record and its shard).
 
     Args:
         shards: the training split.

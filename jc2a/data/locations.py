@@ -97,6 +97,7 @@ class ShardSet:
         self.cache_dir = Path(cache_dir or os.environ.get("JC2A_CACHE", Path.home() / ".cache/jc2a/shards"))
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
+        self._by_class: Optional[dict[int, np.ndarray]] = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -107,11 +108,15 @@ class ShardSet:
         return state
 
     def usable(self, class_id: int, min_pixels: int) -> np.ndarray:
-        """Positions of the records where `class_id` covers at least `min_pixels` pixels."""
-        key = str(class_id)
-        return np.array(
-            [i for i, r in enumerate(self.records) if r["classes"].get(key, 0) >= min_pixels], dtype=np.int64
-        )
+        """Positions of the records where `class_id` covers at least `min_pixels` pixels, ascending."""
+        if self._by_class is None:  # one pass over the index serves every class
+            by_class: dict[int, list[tuple[int, int]]] = {}
+            for i, r in enumerate(self.records):
+                for key, pixels in r["classes"].items():
+                    by_class.setdefault(int(key), []).append((i, pixels))
+            self._by_class = {c: np.array(v, dtype=np.int64).reshape(-1, 2) for c, v in by_class.items()}
+        pairs = self._by_class.get(int(class_id), np.zeros((0, 2), np.int64))
+        return pairs[pairs[:, 1] >= min_pixels, 0]
 
     def local_path(self, shard: int) -> Path:
         """A local file of shard `shard`: the shard itself, or its copy in the cache for a remote one."""
