@@ -164,7 +164,7 @@ HPAM_MEMORY_TARGET = {60: 6.0}  # NA peak / ours peak, at least
 
 
 def _hpam_inputs(b: int, dim: int, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Query and support features `[B, C, b, b]` and a support mask `[B, 1, b, b]`: a disc on a third of the map."""
+    """Query feature, masked support `[B, C, b, b]` and the support mask `[B, 1, b, b]` (a disc on a third)."""
     g = torch.Generator().manual_seed(0)
     f_q = torch.randn(batch, dim, b, b, generator=g)
     f_s = torch.randn(batch, dim, b, b, generator=g)
@@ -172,7 +172,7 @@ def _hpam_inputs(b: int, dim: int, batch: int, device: torch.device) -> tuple[to
     centres = torch.rand(batch, 2, generator=g) * b * 0.4 + b * 0.3
     dist2 = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
     mask = (dist2 < (0.33 * b) ** 2).float()[:, None]
-    return f_q.to(device), f_s.to(device), mask.to(device)
+    return f_q.to(device), (f_s * mask).to(device), mask.to(device)  # HPAM takes the masked support
 
 
 def bench_hpam(args: argparse.Namespace) -> Report:

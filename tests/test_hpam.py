@@ -18,12 +18,13 @@ BLOCK = [2, 2, 2, 1]
 
 
 def _inputs(b: int, bsz: int = 2, seed: int = 0, dim: int = C) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Query and support features `[B, C, b, b]` and a soft support mask `[B, 1, b, b]` with exact zeros."""
+    """Query feature `[B, C, b, b]`, masked support `f~_s` `[B, C, b, b]` and its soft mask `[B, 1, b, b]` (with
+    exact zeros)."""
     g = torch.Generator().manual_seed(seed)
     f_q = torch.randn(bsz, dim, b, b, generator=g)
     f_s = torch.randn(bsz, dim, b, b, generator=g)
     mask = torch.rand(bsz, 1, b, b, generator=g) * (torch.rand(bsz, 1, b, b, generator=g) > 0.4)
-    return f_q, f_s, mask
+    return f_q, f_s * mask, mask
 
 
 def _hpam(seed: int = 0, **kwargs) -> HPAM:
@@ -53,7 +54,7 @@ def _ref_p2b(hpam: HPAM, form: str, level: int, f_q, f_s, mask) -> torch.Tensor:
     p_q = hpam.pos_q[level] if hpam.use_pos_embed else 0.0
     p_s = hpam.pos_s[level] if hpam.use_pos_embed else 0.0
     f_qp = f_q + p_q  # Eq. 4
-    f_sp = f_s * mask + p_s
+    f_sp = f_s + p_s
     pad = -b % m
     f_sp, mask_p = F.pad(f_sp, (0, pad, 0, pad)), F.pad(mask, (0, pad, 0, pad))
     q, k, v = hpam.w_q(f_qp), hpam.w_k(f_sp), hpam.w_v(f_sp)  # Eq. 8: projections of the embedded maps
@@ -152,7 +153,7 @@ def test_p2p_is_invariant_to_permuting_support_positions(attention: str) -> None
 def test_p2p_matches_the_naive_formula(attention: str) -> None:
     hpam = _hpam(p2b=False, attention=attention)
     f_q, f_s, mask = _inputs(5)
-    q, k, v = hpam.w_q(f_q), hpam.w_k(f_s * mask), hpam.w_v(f_s * mask)  # Eq. 1
+    q, k, v = hpam.w_q(f_q), hpam.w_k(f_s), hpam.w_v(f_s)  # Eq. 1
     expected = torch.stack(
         [_ref_attention(attention, q[i].flatten(1), k[i].flatten(1), v[i].flatten(1)) for i in range(2)]
     ).view_as(f_q)

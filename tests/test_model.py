@@ -266,3 +266,23 @@ def test_state_dict_round_trip_keeps_the_bank():
     q, s, m, _ = _episode(1, 1)
     with torch.no_grad():
         assert torch.allclose(other(q, s, m), model(q, s, m))
+
+
+def test_hpam_gets_the_support_masked_before_pooling():
+    """SPEC: f~_s = f_s (.) M_s at the feature size, then pooled to each bin (no background leaks into coarse bins)."""
+    model = _model().eval()
+    q, s, m, _ = _episode(b=1)
+    seen, supp = {}, {}
+    model.down_supp.register_forward_hook(lambda mod, inp, out: supp.update(f_s=out))
+    model.hpam.register_forward_pre_hook(lambda mod, args: seen.update({args[0]: args[1:]}))
+    with torch.no_grad():
+        model(q, s, m)
+    f_s = supp["f_s"]
+    mask = F.interpolate((m[:, 0] == 1).float()[:, None], size=f_s.shape[-2:], mode="bilinear", align_corners=True)
+    for level, b in enumerate(model.bins):
+        _, got_fs, got_mask = seen[level]
+        torch.testing.assert_close(got_fs, F.adaptive_avg_pool2d(f_s * mask, b))
+        torch.testing.assert_close(got_mask, F.adaptive_avg_pool2d(mask, b))
+    coarse = len(model.bins) - 1  # pooling then masking would differ there
+    wrong = F.adaptive_avg_pool2d(f_s, model.bins[coarse]) * F.adaptive_avg_pool2d(mask, model.bins[coarse])
+    assert not torch.allclose(seen[coarse][1], wrong)

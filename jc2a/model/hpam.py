@@ -210,8 +210,8 @@ class HPAM(nn.Module):
         Args:
             level: pyramid level, an index into `bins` (finest first).
             f_q: query feature pooled to the bin `[B, C, b, b]`.
-            f_s: support feature (unmasked) pooled to the bin `[B, C, b, b]`.
-            mask_s: support mask pooled to the bin `[B, 1, b, b]`, float in [0, 1].
+            f_s: masked support `f~_s = f_s (.) M_s` pooled to the bin `[B, C, b, b]` (mask first, then pool).
+            mask_s: support mask pooled to the bin `[B, 1, b, b]`, float in [0, 1]; it ranks P2B's blocks (Eq. 6).
 
         Returns:
             `P_aw` `[B, out_dim, b, b]` (Eq. 10).
@@ -223,8 +223,9 @@ class HPAM(nn.Module):
                 f"HPAM level {level} expects {b}x{b} maps, got f_q {tuple(f_q.shape)}, "
                 f"f_s {tuple(f_s.shape)}, mask_s {tuple(mask_s.shape)}"
             )
-        # 1. Support: the masked support f~_s = f_s (.) M_s, then each branch's attention context.
-        masked = (f_s * mask_s.to(f_s.dtype)).flatten(2)  # [B, C, N]
+        # 1. Support: each branch's attention context from the masked support f~_s (pooled after masking, so no
+        # background leaks into a coarse bin).
+        masked = f_s.flatten(2)  # [B, C, N]
         ctx_d = self.p2p_context(masked) if self.use_p2p else None  # Eq. 3
         ctx_s = self.p2b_context(level, masked, mask_s) if self.use_p2b else None  # Eqs. 4-9
         del masked

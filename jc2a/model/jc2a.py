@@ -198,12 +198,13 @@ class JC2A(nn.Module):
 
         # 3. per bin: [f_q, prototype, MIA(P_aw, P_ag) (Eq. 14), prior]
         inputs = []
+        masked_s = f_s * mask.to(f_s.dtype) if self.hpam is not None else None  # f~_s = f_s (.) M_s, then pooled
         for level, b in enumerate(self.bins):
             fq_b = F.adaptive_avg_pool2d(f_q, b)
             parts = [fq_b, prototype.expand(-1, -1, b, b)]
             p_aw = None
             if self.hpam is not None:  # Eq. 10
-                p_aw = self.hpam(level, fq_b, F.adaptive_avg_pool2d(f_s, b), F.adaptive_avg_pool2d(mask, b))
+                p_aw = self.hpam(level, fq_b, F.adaptive_avg_pool2d(masked_s, b), F.adaptive_avg_pool2d(mask, b))
             p_ag_b = _resize(p_ag, b)
             parts += aggregate(p_aw, None if p_ag_b is None else p_ag_b.to(fq_b.dtype), self.mia)
             if prior is not None:
