@@ -51,13 +51,16 @@ def test_bins_scale_with_the_input():
     assert pyramid_bins([60, 30, 15, 8], 641) == [81, 40, 20, 11]
     assert pyramid_bins([60, 30, 15, 8], 9) == [2, 1, 1, 1]  # duplicates kept: one entry per level
     assert pyramid_blocks([60, 30, 15, 8], [60, 20, 5, 3], [4, 3, 3, 2]) == ([60, 20, 5, 3], [4, 3, 3, 2])
-    assert pyramid_blocks([17, 8, 4, 2], [60, 20, 5, 3], [4, 3, 3, 2]) == ([25, 9, 4, 1], [4, 3, 3, 2])
-    assert pyramid_blocks([2, 1, 1, 1], [60, 20, 5, 3], [4, 3, 3, 2]) == ([1, 1, 1, 1], [2, 1, 1, 1])
+    ref = [60, 30, 15, 8]  # top-k is written for these bins; the share of blocks kept stays about 20%
+    assert pyramid_blocks([17, 8, 4, 2], [60, 20, 5, 3], [4, 3, 3, 2], ref) == ([7, 2, 1, 1], [4, 3, 3, 2])
+    assert pyramid_blocks([81, 40, 20, 11], [60, 20, 5, 3], [4, 3, 3, 2], ref) == ([118, 39, 10, 7], [4, 3, 3, 2])
+    assert pyramid_blocks([2, 1, 1, 1], [60, 20, 5, 3], [4, 3, 3, 2], ref) == ([1, 1, 1, 1], [2, 1, 1, 1])
+    assert pyramid_blocks([17, 8, 4, 2], [60, 20, 5, 3], [4, 3, 3, 2]) == ([25, 9, 4, 1], [4, 3, 3, 2])  # no ref
 
 
 def test_builder_wires_the_config():
     model = _model()
-    assert isinstance(model.hpam, HPAM) and model.hpam.bins == (17, 8, 4, 2) and model.hpam.topk == (25, 9, 4, 1)
+    assert isinstance(model.hpam, HPAM) and model.hpam.bins == (17, 8, 4, 2) and model.hpam.topk == (7, 2, 1, 1)
     bank = model.prototype_bank
     assert bank.class_ids.tolist() == [c for c in range(1, 81) if c % 4 != 1]  # COCO fold 0 base classes
     assert bank.dim == model.backbone.channels[-1] == 512

@@ -41,10 +41,21 @@ def pyramid_bins(bins: Sequence[int], image_size: int) -> list[int]:
     return [max(1, round(b * feat / REFERENCE_FEATURE)) for b in bins]
 
 
-def pyramid_blocks(bins: Sequence[int], topk: Sequence[int], block: Sequence[int]) -> tuple[list[int], list[int]]:
-    """`(topk, block)` fitted to the bins: `m_l <= b_l`, and `k_l` at most the `ceil(b_l / m_l)^2` blocks."""
+def pyramid_blocks(
+    bins: Sequence[int], topk: Sequence[int], block: Sequence[int], reference_bins: Optional[Sequence[int]] = None
+) -> tuple[list[int], list[int]]:
+    """`(topk, block)` fitted to the bins: `m_l <= b_l`, and `k_l` scaled with the number of blocks.
+
+    `topk` is written for `reference_bins` (the config's bins, a 473 input), where it keeps about 20% of the
+    `N_l = ceil(b_l / m_l)^2` blocks (paper §4.1); at other sizes `k_l * N_l / N_l^ref`, rounded, at least 1 and at
+    most `N_l`, keeps that share: 129 -> [7, 2, 1, 1] of [25, 9, 4, 1] blocks, 641 -> [118, 39, 10, 7].
+    """
+    reference_bins = bins if reference_bins is None else reference_bins
     blocks = [min(m, b) for m, b in zip(block, bins)]
-    ks = [min(k, math.ceil(b / m) ** 2) for k, b, m in zip(topk, bins, blocks)]
+    ks = []
+    for k, b, m, ref, m_ref in zip(topk, bins, blocks, reference_bins, block):
+        n, n_ref = math.ceil(b / m) ** 2, math.ceil(ref / min(m_ref, ref)) ** 2
+        ks.append(min(n, max(1, round(k * n / n_ref))))
     return ks, blocks
 
 
@@ -262,7 +273,7 @@ def build_model(cfg: Config) -> JC2A:
     bins = pyramid_bins(mc.bins, cfg.data.image_size)
     hpam = None
     if mc.hpam.p2p or mc.hpam.p2b:
-        topk, block = pyramid_blocks(bins, mc.hpam.topk, mc.hpam.block)
+        topk, block = pyramid_blocks(bins, mc.hpam.topk, mc.hpam.block, mc.bins)
         hpam = HPAM(
             mc.feat_dim,
             bins,
