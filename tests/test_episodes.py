@@ -53,6 +53,10 @@ def test_eval_list_depends_on_seed_only(toy_cfg):
             assert val.records[p]["classes"][str(e.class_id)] >= 200
     five = eval_episode_list(val, classes, 5, 50, seed=0, min_pixels=200)
     assert all(len(set(e.supports)) == 5 and e.query not in e.supports for e in five)
+    assert eval_episode_list(val, classes, 1, 50, seed=0, min_pixels=200) == a[:50]  # a prefix of the longer list
+    one = eval_episode_list(val, classes, 1, 50, seed=0, min_pixels=20)  # every class usable for both shots
+    five = eval_episode_list(val, classes, 5, 50, seed=0, min_pixels=20)
+    assert [(e.class_id, e.query) for e in one] == [(e.class_id, e.query) for e in five]  # same queries
 
 
 def test_eval_loader_same_for_0_and_2_workers_and_2_ranks(toy_cfg):
@@ -128,13 +132,18 @@ def test_shards_split_by_node_and_worker(toy_cfg):
     assert not set(parts[0]) & set(parts[1]) and set(parts[0]) | set(parts[1]) == set(train.urls)
 
 
-def _corrupt_copy(src: Path, dst: Path) -> str:
-    """Copy the train shards; the first record of shard 0 gets a broken JPEG. Returns its key."""
+def _corrupt_copy(src: Path, dst: Path, min_pixels: int) -> str:
+    """Copy the shards; the first record of shard 0 with a usable base-class pair gets a broken JPEG."""
     shutil.copytree(src, dst)
+    base = {str(c) for c in base_classes("coco20i", 0)}
+    index = json.loads((dst / "train-index.json").read_text())
+    bad_key = next(
+        r["key"] for r in index["records"]
+        if r["shard"] == 0 and any(k in base and n >= min_pixels for k, n in r["classes"].items())
+    )  # fmt: skip
     shard = dst / "train-000000.tar"
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    bad_key = members[0][0].name.rsplit(".", 1)[0]
     with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
         for m, data in members:
             if m.name == f"{bad_key}.jpg":
@@ -145,7 +154,7 @@ def _corrupt_copy(src: Path, dst: Path) -> str:
 
 
 def test_corrupt_jpeg_is_skipped_and_counted(toy_cfg, coco_shards, tmp_path, caplog):
-    bad_key = _corrupt_copy(coco_shards, tmp_path / "shards")
+    bad_key = _corrupt_copy(coco_shards, tmp_path / "shards", 200)
     train = ShardSet(str(tmp_path / "shards"), "train")
     train.urls = train.urls[:1]  # stream the corrupted shard only
     mean_std = ((0.5,) * 3, (0.25,) * 3)
@@ -166,6 +175,14 @@ def test_corrupt_jpeg_is_skipped_and_counted(toy_cfg, coco_shards, tmp_path, cap
     assert stream.skipped["record"] >= 2  # the shard was read at least twice, the record skipped each time
     assert all(bad_key not in (e["query_key"], *e["support_keys"]) for e in episodes)
     assert bad_key in caplog.text
+
+
+def test_skips_in_loader_workers_reach_the_main_process(toy_cfg, coco_shards, tmp_path):
+    bad_key = _corrupt_copy(coco_shards, tmp_path / "shards", 200)
+    toy_cfg.data.shards, toy_cfg.data.num_workers = str(tmp_path / "shards"), 2
+    loader = train_loader(toy_cfg, batch_size=2)
+    keys = [k for batch in loader for k in batch["query_key"] + sum(batch["support_keys"], [])]
+    assert loader.skipped_records >= 1 and bad_key not in keys
 
 
 @pytest.fixture()
@@ -209,3 +226,22 @@ def test_pipe_and_brace_locations(coco_shards):
         ShardSet(f"{coco_shards}/val-{{000000..000001}}.tar", "train")
     with pytest.raises(FileNotFoundError, match="nowhere/train-index.json"):
         ShardSet("/nowhere", "train")
+
+
+def test_shards_split_by_node_then_worker(toy_cfg, monkeypatch):
+    import types
+
+    import jc2a.data.episodes as episodes
+
+    train = ShardSet(toy_cfg.data.shards, "train")
+    train.urls = [f"train-{i:06d}.tar" for i in range(9)]
+    parts = {}
+    for rank in range(2):
+        for worker in range(2):
+            info = types.SimpleNamespace(num_workers=2, id=worker)
+            monkeypatch.setattr(episodes, "get_worker_info", lambda info=info: info)
+            parts[rank, worker] = TrainEpisodes(train, [1], 1, 1, None, rank=rank, world=2).shard_urls()
+    assert sorted(sum(parts.values(), [])) == train.urls  # every shard in exactly one (rank, worker) slot
+    assert parts[0, 0] == train.urls[0::4] and parts[1, 1] == train.urls[3::4]
+    train.urls = train.urls[:3]  # fewer shards than slots: every slot resamples them all
+    assert TrainEpisodes(train, [1], 1, 1, None, rank=1, world=2).shard_urls() == train.urls

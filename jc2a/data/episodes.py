@@ -8,6 +8,7 @@ An episode is a dict (SPEC §1 Episodes):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -74,10 +75,12 @@ def collate(episodes: Sequence[dict]) -> dict:
 def eval_episode_list(
     shards: ShardSet, classes: Sequence[int], shot: int, episodes: int, seed: int, min_pixels: int
 ) -> list[Episode]:
-    """The fixed episode list of a fold: it depends on the arguments only, never on processes or workers.
+    """The fixed episode list of a fold, from `seed` alone: never from processes or workers.
 
     Class uniform over `classes` (those with at least shot + 1 usable images), query uniform among the
-    class's usable images, `shot` distinct supports other than the query.
+    class's usable images, `shot` distinct supports other than the query. Classes and queries come from one
+    stream seeded by `seed`, so the 1-shot and 5-shot lists share their queries and a shorter list is a prefix
+    of a longer one; each episode's supports come from a generator seeded by `(seed, episode)`.
     """
     usable = {c: shards.usable(c, min_pixels) for c in classes}
     kept = [c for c in classes if len(usable[c]) >= shot + 1]
@@ -91,15 +94,15 @@ def eval_episode_list(
         raise ValueError(
             f"{shards.index_url}: no class of {list(classes)} has {shot + 1} images with >= {min_pixels} pixels"
         )
-    rng = np.random.default_rng(_seed(seed, shot, episodes, min_pixels))
+    rng = np.random.default_rng(_seed(seed))
     out = []
-    for _ in range(episodes):
+    for i in range(episodes):
         class_id = kept[int(rng.integers(len(kept)))]
         pool = usable[class_id]
         query = int(pool[rng.integers(len(pool))])
         others = pool[pool != query]
-        supports = tuple(int(s) for s in rng.choice(others, size=shot, replace=False))
-        out.append(Episode(class_id, query, supports))
+        picks = np.random.default_rng(_seed(seed, i)).choice(others, size=shot, replace=False)
+        out.append(Episode(class_id, query, tuple(int(p) for p in picks)))
     return out
 
 
@@ -199,7 +202,8 @@ class TrainEpisodes(IterableDataset):
         self.pool_size, self.shuffle_buffer = pool_size, shuffle_buffer
         self.seed, self.rank, self.world = seed, rank, world
         self.epoch = 0
-        self.skipped: Counter = Counter()
+        self.skipped: Counter = Counter()  # in this process; across workers see EpisodeLoader.skipped_records
+        self._unreported = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -220,8 +224,7 @@ class TrainEpisodes(IterableDataset):
             yield {"url": rng.choice(mine)}
 
     def _tar_error(self, exn: Exception) -> bool:
-        self.skipped["tar"] += 1
-        log.warning("skipped unreadable shard data: %s", exn)
+        self._skip("tar", f"unreadable shard data: {exn}")
         return True
 
     def __iter__(self) -> Iterator[dict]:
@@ -235,28 +238,42 @@ class TrainEpisodes(IterableDataset):
         )  # 3. shuffle
         yield from self._episodes(samples, rng)  # 4. pools -> episodes
 
+    def _skip(self, kind: str, reason: object) -> None:
+        self.skipped[kind] += 1
+        self._unreported += 1
+        log.warning("skipped %s", reason)
+
     def _episodes(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
         pools: dict[int, list[dict]] = {}
+        self._unreported = 0
         for sample in samples:
             name = f"record {sample.get('__key__')} of {sample.get('__url__')}"
-            try:
-                image, label, meta = decode_record(sample, name)
-            except (RecordError, ValueError, KeyError) as exc:
-                self.skipped["record"] += 1
-                log.warning("skipped %s", exc)
+            try:  # the json header first: records with no usable base-class pair are never decoded
+                meta = json.loads(sample["json"])
+                usable = [
+                    self.classes[k]
+                    for k, n in sorted(meta["classes"].items())
+                    if k in self.classes and n >= self.min_pixels
+                ]
+            except (KeyError, ValueError, AttributeError, TypeError) as exc:
+                self._skip("record", f"{name}: bad or missing json header ({exc})")
                 continue
-            usable = [
-                self.classes[k]
-                for k, n in sorted(meta["classes"].items())
-                if k in self.classes and n >= self.min_pixels
-            ]
-            for class_id in rng.permutation(usable) if usable else []:
+            if not usable:
+                continue
+            try:
+                image, label, _ = decode_record(sample, name)
+            except RecordError as exc:
+                self._skip("record", exc)
+                continue
+            for class_id in rng.permutation(usable):
                 class_id = int(class_id)
                 pool = pools.setdefault(class_id, [])
                 others = [s for s in pool if s["__key__"] != sample["__key__"]]
                 if len(others) >= self.shot:
                     picks = rng.choice(len(others), size=self.shot, replace=False)
-                    yield self._make(image, label, [others[p] for p in picks], class_id, sample["__key__"], rng)
+                    episode = self._make(image, label, [others[p] for p in picks], class_id, sample["__key__"], rng)
+                    episode["skipped_records"], self._unreported = self._unreported, 0  # summed by EpisodeLoader
+                    yield episode
                 if all(s["__key__"] != sample["__key__"] for s in pool):
                     raw = {k: sample[k] for k in ("__key__", "__url__", "jpg", "png", "json")}
                     if len(pool) < self.pool_size:
@@ -288,13 +305,20 @@ def usable_pairs(shards: ShardSet, classes: Sequence[int], min_pixels: int) -> i
 class EpisodeLoader(wds.WebLoader):
     """webdataset's WebLoader over a TrainEpisodes stream, `batches` batches an epoch (`with_epoch`).
 
-    `set_epoch(e)` before iterating gives epoch `e` its own reproducible draw.
+    `set_epoch(e)` before iterating gives epoch `e` its own reproducible draw. `skipped_records` counts the
+    records the stream skipped (unreadable, or a broken header) in every worker since the loader was made.
     """
 
     def __init__(self, dataset: TrainEpisodes, batches: int, **loader_args) -> None:
         super().__init__(dataset, **loader_args)
         self.dataset, self.batches = dataset, batches
+        self.skipped_records = 0
         self.with_epoch(batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in super().__iter__():
+            self.skipped_records += int(batch["skipped_records"].sum())
+            yield batch
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
