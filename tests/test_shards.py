@@ -176,6 +176,7 @@ def test_interrupted_write_resumes_without_rewriting(toy_coco, tmp_path):
     stamps = {p.name: p.stat().st_mtime_ns for p in complete}
     summary = write_shards(source, out, "train", "coco", source.class_names, max_shard_bytes=300_000, progress=False)
     assert summary.shards_kept == len(complete)
+    assert any("interrupted shard" in line for line in summary.lines())  # the deleted .tmp is reported
     assert {p.name: p.stat().st_mtime_ns for p in complete} == stamps  # not rewritten
     assert not list(out.glob("*.tmp"))
     keys = [e["key"] for e in json.loads((out / "train-index.json").read_text())["records"]]
@@ -184,7 +185,15 @@ def test_interrupted_write_resumes_without_rewriting(toy_coco, tmp_path):
         assert a.read_bytes() == b.read_bytes()  # same shards as an uninterrupted run
     # a rerun of a finished write changes nothing
     again = write_shards(source, out, "train", "coco", source.class_names, max_shard_bytes=300_000, progress=False)
-    assert again.shards_written == 0 and again.records == len(source)
+    assert again.shards_written == 0 and again.records == len(source) and not again.removed
+    # a shard missing in the middle: the ones after it are removed, reported and rewritten without duplicates
+    (out / "train-000001.tar").unlink()
+    gap = write_shards(source, out, "train", "coco", source.class_names, max_shard_bytes=300_000, progress=False)
+    assert gap.shards_kept == 1 and any("follows a missing shard" in r for r in gap.removed)
+    keys = [e["key"] for e in json.loads((out / "train-index.json").read_text())["records"]]
+    assert len(keys) == len(set(keys)) == len(source)
+    for a, b in zip(sorted(whole.glob("train-*.tar")), sorted(out.glob("train-*.tar")), strict=True):
+        assert a.read_bytes() == b.read_bytes()
 
 
 def test_foreign_shards_refused(toy_coco, coco_shards, tmp_path):

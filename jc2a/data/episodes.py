@@ -231,11 +231,10 @@ class TrainEpisodes(IterableDataset):
         slot, _ = self._slot()
         seed = _seed(self.seed, self.epoch, slot)
         rng = np.random.default_rng(seed)
-        shards = self._resampled(random.Random(seed))  # 1. resampled shards of this rank and worker
+        shards = self._resampled(random.Random(_seed(seed, 1)))  # 1. resampled shards of this rank and worker
         samples = wds.tarfile_to_samples(handler=self._tar_error)(shards)  # 2. tar -> raw samples
-        samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=random.Random(seed))(
-            samples
-        )  # 3. shuffle
+        shuffle = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=random.Random(_seed(seed, 2)))
+        samples = shuffle(samples)  # 3. shuffle
         yield from self._episodes(samples, rng)  # 4. pools -> episodes
 
     def _skip(self, kind: str, reason: object) -> None:

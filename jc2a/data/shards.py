@@ -44,6 +44,7 @@ class WriteSummary:
     shards_written: int = 0
     shards_kept: int = 0  # complete shards found from an earlier run and not rewritten
     skipped: list[dict] = field(default_factory=list)  # {"source", "reason"}
+    removed: list[str] = field(default_factory=list)  # files of an earlier run deleted before resuming, and why
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
@@ -53,6 +54,7 @@ class WriteSummary:
             f"{self.shards_written + self.shards_kept} shards ({self.shards_written} written, "
             f"{self.shards_kept} kept from an earlier run), {len(self.skipped)} skipped, {self.seconds:.1f} s"
         ]
+        out += [f"  removed {r}" for r in self.removed]
         out += [f"  skipped {n}: {reason}" for reason, n in reasons.most_common()]
         out += [f"    {s['source']}: {s['reason']}" for s in self.skipped[:10]]
         if len(self.skipped) > 10:
@@ -167,11 +169,13 @@ def write_shards(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = WriteSummary(split=split)
-    for stale in out.glob(f"{split}-*.tar.tmp"):  # an interrupted shard: rewritten from its first record
+    for stale in sorted(out.glob(f"{split}-*.tar.tmp")):  # an interrupted shard: rewritten from its first record
         stale.unlink()
+        summary.removed.append(f"{stale.name} (an interrupted shard; its records are written again)")
     kept, after_gap = _complete_prefix(out, split)
     for path in after_gap:  # written after a missing shard: rewriting from the gap would duplicate them
         path.unlink()
+        summary.removed.append(f"{path.name} (follows a missing shard; its records are written again)")
     entries: list[dict] = []
     for number, path in enumerate(kept):
         entries += read_shard_entries(path, number)
