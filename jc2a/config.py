@@ -185,8 +185,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: key '{key}' has an unsupported type {_type_name(tp)}")
 
 
-def _apply(obj: Any, updates: dict, source: str, prefix: str = "") -> None:
-    """Write a nested dict of updates into the dataclass `obj`, checking every key and type."""
+def _apply(obj: Any, updates: dict, source: str, prefix: str = "", sources: Optional[dict] = None) -> None:
+    """Write a nested dict of updates into the dataclass `obj`, checking every key and type.
+
+    `sources`, when given, records which file (or the command line) set each dotted key last.
+    """
     if not isinstance(updates, dict):
         raise ConfigError(f"{source}: key '{prefix.rstrip('.') or '<top>'}' expects a mapping, got {updates!r}")
     hints = typing.get_type_hints(type(obj))
@@ -197,9 +200,11 @@ def _apply(obj: Any, updates: dict, source: str, prefix: str = "") -> None:
             raise ConfigError(f"{source}: unknown key '{key}'{_suggest(name, names)}")
         tp = hints[name]
         if _is_dataclass_type(tp):
-            _apply(getattr(obj, name), value, source, key + ".")
+            _apply(getattr(obj, name), value, source, key + ".", sources)
         else:
             setattr(obj, name, _coerce(value, tp, key, source))
+            if sources is not None:
+                sources[key] = source
 
 
 def _suggest(name: str, names: Iterable[str]) -> str:
@@ -209,8 +214,12 @@ def _suggest(name: str, names: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _check(cfg: Config, source: str) -> None:
-    """Cross-field rules that a type alone cannot express."""
+def _check(cfg: Config, sources: dict[str, str]) -> None:
+    """Cross-field rules that a type alone cannot express; errors name where the offending key was set."""
+
+    def source(*keys: str) -> str:
+        return next((sources[k] for k in keys if k in sources), "defaults")
+
     choices = {
         "data.dataset": (cfg.data.dataset, {"coco20i", "pascal5i"}),
         "model.hpam.attention": (cfg.model.hpam.attention, {"linear_relu", "softmax", "linear_bn", "cosine"}),
@@ -221,22 +230,22 @@ def _check(cfg: Config, source: str) -> None:
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"{source}: key '{key}' must be one of {sorted(allowed)}, got {value!r}")
+            raise ConfigError(f"{source(key)}: key '{key}' must be one of {sorted(allowed)}, got {value!r}")
     if not 0 <= cfg.data.fold <= 3:
-        raise ConfigError(f"{source}: key 'data.fold' must be 0..3, got {cfg.data.fold}")
+        raise ConfigError(f"{source('data.fold')}: key 'data.fold' must be 0..3, got {cfg.data.fold}")
     if cfg.data.shot < 1:
-        raise ConfigError(f"{source}: key 'data.shot' must be >= 1, got {cfg.data.shot}")
+        raise ConfigError(f"{source('data.shot')}: key 'data.shot' must be >= 1, got {cfg.data.shot}")
     if (cfg.data.image_size - 1) % 8 != 0:
         raise ConfigError(
-            f"{source}: key 'data.image_size' must satisfy (size - 1) % 8 == 0 (473, 641, 129...), "
+            f"{source('data.image_size')}: key 'data.image_size' must satisfy (size - 1) % 8 == 0 (473, 641, 129...), "
             f"got {cfg.data.image_size}"
         )
     nbins = len(cfg.model.bins)
     for key in ("topk", "block"):
         if len(getattr(cfg.model.hpam, key)) != nbins:
             raise ConfigError(
-                f"{source}: key 'model.hpam.{key}' needs one value per bin ({nbins}), "
-                f"got {getattr(cfg.model.hpam, key)}"
+                f"{source(f'model.hpam.{key}', 'model.bins')}: key 'model.hpam.{key}' needs one value per bin "
+                f"({nbins}, model.bins), got {getattr(cfg.model.hpam, key)}"
             )
 
 
@@ -302,13 +311,14 @@ def load_config(
         paths = [path]
     else:
         paths = list(path)
+    sources: dict[str, str] = {}
     for p in paths:
         for layer, source in _read_yaml(Path(p)):
-            _apply(cfg, layer, source)
+            _apply(cfg, layer, source, sources=sources)
     for text in overrides:
         key, value = _parse_override(text)
-        _apply(cfg, _nest(key, value), "command line")
-    _check(cfg, str(paths[-1]) if paths else "defaults" if not overrides else "command line")
+        _apply(cfg, _nest(key, value), "command line", sources=sources)
+    _check(cfg, sources)
     return cfg
 
 

@@ -53,8 +53,14 @@ def test_wrong_type_and_bad_value(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match=r"command line: key 'data.shot' expects an integer"):
         load_config(None, ["data.shot=true"])
-    with pytest.raises(ConfigError, match="image_size"):
-        load_config(None, ["data.image_size=474"])
+    with pytest.raises(ConfigError, match="^command line: key 'data.image_size'"):
+        load_config(ROOT / "configs/toy.yaml", ["data.image_size=474"])  # blamed on where the value came from
+    base = tmp_path / "base.yaml"
+    base.write_text("data: {image_size: 100}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("_base_: base.yaml\ndata: {fold: 1}\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: key 'data.image_size'"):
+        load_config(child)
     with pytest.raises(ConfigError, match="model.hpam.attention"):
         load_config(None, ["model.hpam.attention=quadratic"])
     with pytest.raises(ConfigError, match="one value per bin"):
