@@ -245,3 +245,13 @@ def test_shards_split_by_node_then_worker(toy_cfg, monkeypatch):
     assert parts[0, 0] == train.urls[0::4] and parts[1, 1] == train.urls[3::4]
     train.urls = train.urls[:3]  # fewer shards than slots: every slot resamples them all
     assert TrainEpisodes(train, [1], 1, 1, None, rank=1, world=2).shard_urls() == train.urls
+
+
+def test_shard_set_closes_its_files(coco_shards):
+    with ShardSet(str(coco_shards), "val") as val:
+        sample = val.read(3)
+        handle = next(iter(val._files.values()))
+        assert sample["__key__"] == val.records[3]["key"] and not handle.closed
+    assert handle.closed and not val._files
+    assert val.read(3)["jpg"] == sample["jpg"]  # reopens on demand
+    val.close()

@@ -149,6 +149,18 @@ class ShardSet:
         return sample
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
+        """Close the shard files opened by `read` in this process (they reopen on the next `read`)."""
+        if self._pid == os.getpid():
+            for f in self._files.values():
+                f.close()
         self._files = {}
+
+    def __enter__(self) -> ShardSet:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_files", None):
+            self.close()
