@@ -258,3 +258,40 @@ def test_pascal_label_of_another_size_is_skipped_and_named(tmp_path):
     assert summary.records == 5 and len(summary.skipped) == 1
     reason = summary.skipped[0]["reason"]
     assert reason.startswith("size mismatch") and f"{victim}.jpg" in reason
+
+
+def test_rasterize_hand_built_overlaps_crowds_and_gaps(tmp_path):
+    """An oracle written by hand: big object under a small one, a crowd partly under an object, id 90 -> 80."""
+    from pycocotools import mask as mask_utils
+
+    from jc2a.data.coco import contiguous_ids, rasterize
+
+    def rle(rows, cols, crowd=False):
+        m = np.zeros((8, 10), np.uint8, order="F")
+        m[rows, cols] = 1
+        r = mask_utils.encode(np.asfortranarray(m))
+        r["counts"] = r["counts"].decode()
+        return r
+
+    anns = [  # listed small first: painting order must come from the areas, not the file order
+        {"id": 1, "image_id": 7, "category_id": 90, "segmentation": rle(slice(2, 4), slice(2, 4)), "iscrowd": 0},
+        {"id": 2, "image_id": 7, "category_id": 13, "segmentation": rle(slice(1, 6), slice(1, 7)), "iscrowd": 0},
+        {"id": 3, "image_id": 7, "category_id": 1, "segmentation": rle(slice(4, 8), slice(5, 10)), "iscrowd": 1},
+    ]
+    for a in anns:
+        a["area"] = float(mask_utils.area(a["segmentation"]))
+        a["bbox"] = list(mask_utils.toBbox(a["segmentation"]))
+    cats = [{"id": i, "name": f"c{i}", "supercategory": "x"} for i in (1, 13, 90)]
+    data = {"images": [{"id": 7, "file_name": "x.jpg", "height": 8, "width": 10}], "annotations": anns,
+            "categories": cats}  # fmt: skip
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    coco = COCO(str(path))
+    ids = contiguous_ids([1, 13, 90])  # 1 -> 1, 13 -> 2, 90 -> 3 in this file
+    label = rasterize(coco, coco.imgs[7], ids)
+    expected = np.zeros((8, 10), np.uint8)
+    expected[4:8, 5:10] = 255  # crowd
+    expected[1:6, 1:7] = 2  # stop sign (big) covers part of the crowd
+    expected[2:4, 2:4] = 3  # toothbrush (small) stays visible on top
+    np.testing.assert_array_equal(label, expected)
+    assert contiguous_ids([1, 13, 90, 5]) == {1: 1, 5: 2, 13: 3, 90: 4}
