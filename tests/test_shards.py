@@ -200,9 +200,13 @@ def test_foreign_shards_refused(toy_coco, coco_shards, tmp_path):
     out = tmp_path / "mixed"
     out.mkdir()
     shutil.copy(coco_shards / "val-000000.tar", out / "train-000000.tar")
+    shutil.copy(coco_shards / "val-000001.tar", out / "train-000002.tar")  # after a gap
+    (out / "train-000003.tar.tmp").write_bytes(b"partial")
+    before = sorted(p.name for p in out.iterdir())
     source = CocoSource(toy_coco / "train2014", toy_coco / "annotations/instances_train2014.json")
     with pytest.raises(ValueError, match="records this source does not list"):
         write_shards(source, out, "train", "coco", source.class_names, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before  # refused before removing anything
 
 
 def test_shard_members_are_plain_webdataset(coco_shards):

@@ -169,13 +169,7 @@ def write_shards(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = WriteSummary(split=split)
-    for stale in sorted(out.glob(f"{split}-*.tar.tmp")):  # an interrupted shard: rewritten from its first record
-        stale.unlink()
-        summary.removed.append(f"{stale.name} (an interrupted shard; its records are written again)")
     kept, after_gap = _complete_prefix(out, split)
-    for path in after_gap:  # written after a missing shard: rewriting from the gap would duplicate them
-        path.unlink()
-        summary.removed.append(f"{path.name} (follows a missing shard; its records are written again)")
     entries: list[dict] = []
     for number, path in enumerate(kept):
         entries += read_shard_entries(path, number)
@@ -185,11 +179,17 @@ def write_shards(
     items = list(source)  # items are cheap: images and labels are read one at a time below
     summary.images = len(items)
     foreign = done - {item.key for item in items}
-    if foreign:
+    if foreign:  # refused before anything of the earlier run is removed
         raise ValueError(
             f"{out}: the existing {split} shards hold {len(foreign)} records this source does not list "
             f"(e.g. {sorted(foreign)[0]}); write to a fresh --out folder"
         )
+    for stale in sorted(out.glob(f"{split}-*.tar.tmp")):  # an interrupted shard: rewritten from its first record
+        stale.unlink()
+        summary.removed.append(f"{stale.name} (an interrupted shard; its records are written again)")
+    for path in after_gap:  # written after a missing shard: rewriting from the gap would duplicate them
+        path.unlink()
+        summary.removed.append(f"{path.name} (follows a missing shard; its records are written again)")
     shard: Optional[_ShardFile] = None
     next_number = len(kept)
     bar = tqdm(items, desc=f"shards {split}", unit="img", disable=not progress, total=summary.images)
