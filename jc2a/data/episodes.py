@@ -284,7 +284,7 @@ class TrainEpisodes(IterableDataset):
         query = self.transform(image, binarize(label, class_id), rng)
         pairs = []
         for s in supports:
-            s_image, s_label, _ = decode_record(s)  # decoded once already when it entered the pool
+            s_image, s_label, _ = decode_record(s)  # pools keep raw bytes; this record decoded fine on arrival
             pairs.append(self.transform(s_image, binarize(s_label, class_id), rng))
         out = stack_episode(query, pairs, class_id)
         out["query_key"] = key
@@ -294,8 +294,7 @@ class TrainEpisodes(IterableDataset):
 
 def usable_pairs(shards: ShardSet, classes: Sequence[int], min_pixels: int) -> int:
     """Number of (image, class) pairs with the class covering at least `min_pixels` pixels."""
-    wanted = {str(c) for c in classes}
-    return sum(1 for r in shards.records for k, n in r["classes"].items() if k in wanted and n >= min_pixels)
+    return sum(len(shards.usable(c, min_pixels)) for c in classes)
 
 
 # --------------------------------------------------------------------------- loaders from a config
@@ -326,11 +325,6 @@ class EpisodeLoader(wds.WebLoader):
         return self.batches
 
 
-def _classes(cfg: Config, split: str) -> list[int]:
-    fold = (base_classes if split == "train" else novel_classes)(cfg.data.dataset, cfg.data.fold)
-    return fold
-
-
 def train_loader(
     cfg: Config, rank: int = 0, world: int = 1, batch_size: Optional[int] = None, shards: Optional[ShardSet] = None
 ) -> EpisodeLoader:
@@ -342,7 +336,7 @@ def train_loader(
     """
     batch_size = batch_size or cfg.train.batch_size
     shards = shards or ShardSet(cfg.data.shards, cfg.data.train_split)
-    classes = _classes(cfg, "train")
+    classes = base_classes(cfg.data.dataset, cfg.data.fold)
     mean, std = normalization(cfg.model.backbone.name)
     dataset = TrainEpisodes(
         shards,
@@ -376,7 +370,12 @@ def eval_loader(
     """A rank's share of the fold's evaluation episodes for list `seed` (novel classes, SPEC §1)."""
     shards = shards or ShardSet(cfg.data.shards, cfg.data.val_split)
     episodes = eval_episode_list(
-        shards, _classes(cfg, "val"), cfg.data.shot, cfg.data.eval_episodes, seed, cfg.data.min_pixels
+        shards,
+        novel_classes(cfg.data.dataset, cfg.data.fold),
+        cfg.data.shot,
+        cfg.data.eval_episodes,
+        seed,
+        cfg.data.min_pixels,
     )
     mean, std = normalization(cfg.model.backbone.name)
     dataset = EvalEpisodes(shards, episodes, cfg.data.image_size, mean, std, rank, world)
