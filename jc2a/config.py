@@ -185,10 +185,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: key '{key}' has an unsupported type {_type_name(tp)}")
 
 
-def _apply(obj: Any, updates: dict, source: str, prefix: str = "", sources: Optional[dict] = None) -> None:
+def _apply(obj: Any, updates: dict, source: str, sources: dict[str, str], prefix: str = "") -> None:
     """Write a nested dict of updates into the dataclass `obj`, checking every key and type.
 
-    `sources`, when given, records which file (or the command line) set each dotted key last.
+    `sources` records which file (or the command line) set each dotted key last.
     """
     if not isinstance(updates, dict):
         raise ConfigError(f"{source}: key '{prefix.rstrip('.') or '<top>'}' expects a mapping, got {updates!r}")
@@ -200,11 +200,10 @@ def _apply(obj: Any, updates: dict, source: str, prefix: str = "", sources: Opti
             raise ConfigError(f"{source}: unknown key '{key}'{_suggest(name, names)}")
         tp = hints[name]
         if _is_dataclass_type(tp):
-            _apply(getattr(obj, name), value, source, key + ".", sources)
+            _apply(getattr(obj, name), value, source, sources, key + ".")
         else:
             setattr(obj, name, _coerce(value, tp, key, source))
-            if sources is not None:
-                sources[key] = source
+            sources[key] = source
 
 
 def _suggest(name: str, names: Iterable[str]) -> str:
@@ -314,10 +313,10 @@ def load_config(
     sources: dict[str, str] = {}
     for p in paths:
         for layer, source in _read_yaml(Path(p)):
-            _apply(cfg, layer, source, sources=sources)
+            _apply(cfg, layer, source, sources)
     for text in overrides:
         key, value = _parse_override(text)
-        _apply(cfg, _nest(key, value), "command line", sources=sources)
+        _apply(cfg, _nest(key, value), "command line", sources)
     _check(cfg, sources)
     return cfg
 
