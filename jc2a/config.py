@@ -56,12 +56,18 @@ class DataConfig:
     val_split: str = "val"
     image_size: int = 473  # square crop / canvas; (size - 1) % 8 == 0
     min_pixels: int = 2048  # 2*32*32, PFENet's filter on a usable (image, class) pair
-    episodes_per_epoch: int = 0  # training episodes per epoch over all ranks; 0 = one per usable pair
-    eval_episodes: int = 1000  # per fold (HSNet, BAM)
+    protocol: str = "pfenet"  # episode semantics: pfenet (the paper's, default) | hsnet
+    filter_novel: bool = False  # BAM: drop training images holding any novel-class pixel
+    episodes_per_epoch: int = 0  # training episodes per epoch over all ranks; 0 = one per qualifying image
+    eval_episodes: int = 1000  # per fold (the paper; PFENet's code: 5000 PASCAL, 20000 COCO)
     eval_seeds: list[int] = field(default_factory=lambda: [0])  # one episode list per seed
     support_pool: int = 32  # bounded per-class pool of support candidates in the training stream
     shuffle_buffer: int = 256  # sample shuffle buffer of the training stream
     num_workers: int = 2  # loader worker processes
+    stream_timeout: float = 60.0  # seconds a stream may go without an episode before it stops with an error
+    stream_failures: int = 20  # consecutive unreadable shards or records before a stream stops with an error
+    remote_timeout: float = 60.0  # seconds for one remote read (http, pipe:) before it is retried
+    remote_retries: int = 3  # retries of a failed remote read, with exponential back-off
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -125,6 +131,17 @@ class TrainConfig:
     weight_decay: float = 1e-4
     power: float = 0.9  # poly schedule
     mixed_precision: str = "fp16"  # no | fp16 | bf16 (accelerate)
+    max_steps: int = 0  # optimizer steps in all; 0 = epochs x batches per epoch. Fixes the poly schedule
+    grad_accum: int = 1  # micro-batches per optimizer step (accelerate's gradient accumulation)
+    clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
+    save_every: int = 500  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # most recent checkpoints kept under output_dir/checkpoints
+    val_every: int = 500  # steps between validations; 0 = only at the end
+    val_episodes: int = 200  # validation: this prefix of the evaluation episode list (novel classes)
+    log_every: int = 10  # steps between logged metrics
+    tracking: str = "mlflow"  # mlflow | none
+    experiment: str = ""  # MLflow experiment; "" = the dataset name
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bit-identical resumes on CPU
 
 
 @dataclass
@@ -226,6 +243,8 @@ def _check(cfg: Config, sources: dict[str, str]) -> None:
         "model.ckmm.reduce": (cfg.model.ckmm.reduce, {"mean", "max"}),
         "model.mia": (cfg.model.mia, {"concat", "add", "multiply"}),
         "train.mixed_precision": (cfg.train.mixed_precision, {"no", "fp16", "bf16"}),
+        "data.protocol": (cfg.data.protocol, {"pfenet", "hsnet"}),
+        "train.tracking": (cfg.train.tracking, {"mlflow", "none"}),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from jc2a.data.episodes import TrainEpisodes, eval_episode_list, eval_loader, share, train_loader, usable_pairs
-from jc2a.data.folds import base_classes, novel_classes
+from jc2a.folds import base_classes, novel_classes
 from jc2a.data.locations import ShardSet, resolve
 from jc2a.data.transforms import train_transform
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from jc2a.data.coco import contiguous_ids
-from jc2a.data.folds import base_classes, novel_classes
+from jc2a.folds import base_classes, novel_classes
 
 FOLD0_COCO = [
     "person", "airplane", "boat", "parking meter", "dog", "elephant", "backpack", "suitcase", "sports ball",

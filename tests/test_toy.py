@@ -16,7 +16,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from jc2a.data import toy
-from jc2a.data.folds import novel_classes
+from jc2a.folds import novel_classes
 
 MISSING_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
 FOLD0 = [

@@ -22,7 +22,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from jc2a.config import Config
-from jc2a.data.folds import base_classes, novel_classes
+from jc2a.folds import base_classes, novel_classes
 from jc2a.data.locations import ShardSet
 from jc2a.data.records import RecordError, binarize, decode_record
 from jc2a.data.transforms import eval_transform, normalization, train_transform

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jc2a.config import Config
-from jc2a.data.folds import base_classes
+from jc2a.folds import base_classes
 from jc2a.model.backbone import Backbone, create_backbone, feature_size
 from jc2a.model.ckmm import REDUCTIONS, PrototypeBank, weighted_gap
 from jc2a.model.decoder import MIA_OPS, FeatureEnrichment, aggregate, aggregate_channels

@@ -10,7 +10,7 @@ import timm
 from torch import nn
 
 from jc2a.config import Config, load_config
-from jc2a.data.folds import base_classes
+from jc2a.folds import base_classes
 from jc2a.model.backbone import OUT_INDICES, OUTPUT_STRIDE
 from jc2a.model.jc2a import JC2A, build_model
 
