@@ -48,6 +48,16 @@ def _ref_attention(form: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     raise AssertionError(form)
 
 
+def _ref_topk(cover: list[float], k: int) -> list[int]:
+    """Eq. 7 with the evaluation tie rule: blocks above the k-th coverage, then evenly spaced ones among the tie."""
+    k = min(k, len(cover))
+    cut = sorted(cover, reverse=True)[k - 1]
+    above = sorted((n for n in range(len(cover)) if cover[n] > cut), key=lambda n: -cover[n])
+    tied = [n for n in range(len(cover)) if cover[n] == cut]  # raster order
+    need = k - len(above)
+    return above + [tied[(2 * i + 1) * len(tied) // (2 * need)] for i in range(need)]
+
+
 def _ref_p2b(hpam: HPAM, form: str, level: int, f_q, f_s, mask) -> torch.Tensor:
     """Eqs. 4-9 literally: embed, pad, project the embedded maps, cut blocks, top-k, per-position attention."""
     b, m, topk = hpam.bins[level], hpam.block[level], hpam.topk[level]
@@ -68,7 +78,7 @@ def _ref_p2b(hpam: HPAM, form: str, level: int, f_q, f_s, mask) -> torch.Tensor:
                 blocks_k.append(k[i][:, window[0], window[1]].reshape(C, m * m))
                 blocks_v.append(v[i][:, window[0], window[1]].reshape(C, m * m))
                 cover.append(mask_p[i, 0][window].sum().item() / m**2)  # Eq. 6
-        order = sorted(range(len(cover)), key=lambda n: -cover[n])[: min(topk, len(cover))]  # Eq. 7
+        order = _ref_topk(cover, topk)  # Eq. 7
         acc = 0.0
         for j in range(m * m):
             kj = torch.stack([blocks_k[n][:, j] * (cover[n] > 0) for n in order], dim=1)  # [C, k]
@@ -184,6 +194,10 @@ def test_p2b_matches_the_naive_formula(attention: str, level: int) -> None:
         for p in (*hpam.pos_q, *hpam.pos_s):
             p.normal_(0.0, 0.5)  # embeddings that matter
     f_q, f_s, mask = _inputs(BINS[level], seed=3)
+    mask[0, 0, :4, :4] = 1.0  # a few blocks tied at full coverage
+    f_s = f_s.clone()
+    f_s[0, :, :4, :4] += 1.0
+    hpam.eval()  # the evaluation tie rule (training breaks ties at random)
     expected = _ref_p2b(hpam, attention, level, f_q, f_s, mask)
     torch.testing.assert_close(hpam(level, f_q, f_s, mask), expected, rtol=1e-5, atol=1e-5)
 
@@ -215,9 +229,71 @@ def test_topk_selects_the_most_covered_blocks() -> None:
     mask[0, 0, 0, 0] = 1.0  # block 0: 0.25
     cov = block_coverage(mask, 2)
     assert cov[0, [5, 10, 3, 12, 0]].tolist() == [1.0, 0.75, 0.5, 0.5, 0.25]
-    assert select_blocks(cov, 3).tolist() == [[5, 10, 3]]  # stable: of the tie, the first block wins
+    assert select_blocks(cov, 3).tolist() == [[5, 10, 12]]  # of the tie (3, 12), the centred choice
+    assert select_blocks(cov, 4).tolist() == [[5, 10, 3, 12]]
     assert select_blocks(cov, 5).tolist() == [[5, 10, 3, 12, 0]]
     assert select_blocks(cov, 100).shape == (1, 16)  # k clamped to the number of blocks
+    # 11 zero blocks tied at the cut-off, 3 needed: ranks 1, 5, 9 of the tie (floor((2i+1) * 11 / 6))
+    zero = [n for n in range(16) if n not in (5, 10, 3, 12, 0)]
+    assert select_blocks(cov, 8).tolist() == [[5, 10, 3, 12, 0, zero[1], zero[5], zero[9]]]
+    torch.manual_seed(0)
+    for _ in range(20):  # training: the tie is broken either way, the better blocks always kept
+        picked = select_blocks(cov, 3, shuffle_ties=True).tolist()[0]
+        assert picked[:2] == [5, 10] and picked[2] in (3, 12)
+    picks = {select_blocks(cov, 3, shuffle_ties=True)[0, 2].item() for _ in range(40)}
+    assert picks == {3, 12}
+
+
+@pytest.mark.parametrize("shuffle_ties", [False, True])
+def test_topk_of_a_large_object_spreads_over_it(shuffle_ties: bool) -> None:
+    # Bin 60, m = 4, k = 60: a full-image mask gives 225 blocks all at coverage 1. Raster order would keep the
+    # top four block rows only.
+    torch.manual_seed(0)
+    cov = block_coverage(torch.ones(2, 1, 60, 60), 4)
+    assert cov.shape == (2, 225) and bool((cov == 1).all())
+    idx = select_blocks(cov, 60, shuffle_ties=shuffle_ties)
+    assert idx.shape == (2, 60)
+    for row in idx:
+        assert len(set(row.tolist())) == 60
+        rows = {n // 15 for n in row.tolist()}
+        assert len(rows) >= 0.8 * 15, sorted(rows)
+        cols = [n % 15 for n in row.tolist()]
+        assert max(cols) - min(cols) + 1 >= 0.8 * 15, sorted(set(cols))  # and across its width
+    if not shuffle_ties:
+        assert torch.equal(idx, select_blocks(cov, 60))  # deterministic
+        assert idx[0].tolist() == [(2 * i + 1) * 225 // 120 for i in range(60)]
+    else:
+        assert not torch.equal(idx[0], idx[1])  # random per support
+
+
+@pytest.mark.parametrize("shuffle_ties", [False, True])
+def test_topk_never_drops_a_better_block(shuffle_ties: bool) -> None:
+    g = torch.Generator().manual_seed(2)
+    cov = torch.randint(0, 5, (16, 40), generator=g) / 4.0  # many ties at every level
+    torch.manual_seed(0)
+    for k in (1, 7, 13, 40):
+        idx = select_blocks(cov, k, shuffle_ties=shuffle_ties)
+        kept = cov.gather(1, idx)
+        assert bool((kept[:, :-1] >= kept[:, 1:]).all())  # highest first
+        dropped = cov.scatter(1, idx, float("-inf"))  # coverage of the blocks left out
+        assert bool((kept.amin(dim=1) >= dropped.amax(dim=1)).all())
+        assert all(len(set(r)) == k for r in idx.tolist())
+
+
+def test_hpam_breaks_ties_at_random_only_in_training() -> None:
+    hpam = HPAM(C, [8], [4], [2], p2p=False)
+    f_q, f_s, _ = _inputs(8, bsz=1)
+    mask = torch.ones(1, 1, 8, 8)  # 16 blocks tied at coverage 1, 4 kept
+    hpam.eval()
+    out = hpam(0, f_q, f_s, mask)
+    torch.testing.assert_close(hpam(0, f_q, f_s, mask), out, rtol=0, atol=0)
+    hpam.train()
+    torch.manual_seed(0)
+    first = hpam(0, f_q, f_s, mask)
+    torch.manual_seed(0)
+    torch.testing.assert_close(hpam(0, f_q, f_s, mask), first, rtol=0, atol=0)  # the global seed governs it
+    outs = [hpam(0, f_q, f_s, mask) for _ in range(4)]
+    assert any(not torch.allclose(o, first) for o in outs)
 
 
 def test_p2b_uses_only_the_selected_blocks() -> None:
@@ -271,10 +347,12 @@ def test_selected_empty_blocks_contribute_exactly_zero() -> None:
     mask[..., :2, :2] = 1.0  # block 0
     mask[..., 4:, 4:] = 0.5  # block 8
     idx = select_blocks(block_coverage(mask, 2), 5)
-    assert idx.tolist() == [[0, 8, 1, 2, 3]]  # blocks 1, 2, 3 are selected with zero coverage
+    assert idx.tolist() == [[0, 8, 2, 4, 6]]  # blocks 2, 4, 6 are selected with zero coverage
+    hpam.eval()
     out = hpam(0, f_q, f_s, mask)
     with torch.no_grad():
-        hpam.pos_s[0][..., :2, 2:6] += 5.0  # embeddings inside the selected empty blocks 1 and 2
+        hpam.pos_s[0][..., :2, 4:6] += 5.0  # embeddings inside the selected empty blocks 2 and 4
+        hpam.pos_s[0][..., 2:4, 2:4] += 5.0
     torch.testing.assert_close(hpam(0, f_q, f_s, mask), out, rtol=0, atol=0)
     with torch.no_grad():
         hpam.pos_s[0][..., 0, 0] += 5.0  # an embedding inside a covered block does matter

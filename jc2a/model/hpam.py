@@ -30,13 +30,36 @@ def block_coverage(mask: Tensor, m: int) -> Tensor:
     return F.avg_pool2d(mask, kernel_size=m, stride=m).flatten(1)  # sum over the block / m^2 (Eq. 6)
 
 
-def select_blocks(coverage: Tensor, k: int) -> Tensor:
-    """Indices of the top-k blocks by coverage, Eq. 7: `[B, min(k, N)]`, highest first.
+def select_blocks(coverage: Tensor, k: int, *, shuffle_ties: bool = False) -> Tensor:
+    """Indices of the top-k blocks by coverage, Eq. 7: `[B, min(k, N)]`, highest coverage first.
 
-    The sort is stable, so among equal coverages the block that comes first in row-major order wins.
+    A block with higher coverage is never dropped for one with lower coverage. Blocks tied at the cut-off
+    (every interior block of a large object has coverage 1) are not taken in raster order, which would keep
+    only the object's top band:
+    - `shuffle_ties` (training): a random order among equal coverages, from torch's global generator on the
+      tensor's device;
+    - otherwise (evaluation): of the n blocks tied at the cut-off value, of which r are needed, the ones of
+      rank `floor((2i + 1) n / 2r)`, i < r, in raster order: evenly spaced, centred, deterministic.
+
+    Args:
+        coverage: `[B, N]` block coverage (Eq. 6), blocks in raster order.
+        k: number of blocks to keep (clamped to N).
+        shuffle_ties: break ties at random instead of by the evenly spaced choice.
     """
-    order = torch.sort(coverage, dim=1, descending=True, stable=True).indices
-    return order[:, : min(k, coverage.shape[1])]
+    bsz, n_blocks = coverage.shape
+    k = min(k, n_blocks)
+    if shuffle_ties:
+        perm = torch.rand(bsz, n_blocks, device=coverage.device).argsort(dim=1)  # a random raster order
+        order = torch.sort(coverage.gather(1, perm), dim=1, descending=True, stable=True).indices
+        return perm.gather(1, order[:, :k])
+    ranked = torch.sort(coverage, dim=1, descending=True, stable=True)  # ties in raster order
+    cutoff = ranked.values[:, k - 1 : k]  # [B, 1], the k-th largest coverage
+    above = (coverage > cutoff).sum(dim=1, keepdim=True)  # a < k blocks always kept, ranks 0..a-1
+    tied = (coverage == cutoff).sum(dim=1, keepdim=True)  # n blocks at the cut-off, ranks a..a+n-1
+    need = k - above  # r >= 1 of them are kept
+    j = torch.arange(k, device=coverage.device).view(1, k)
+    spread = above + torch.div((2 * (j - above) + 1) * tied, 2 * need, rounding_mode="floor")
+    return ranked.indices.gather(1, torch.where(j < above, j, spread))
 
 
 def block_positions(h: int, w: int, m: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
@@ -167,7 +190,7 @@ class HPAM(nn.Module):
         bsz, c = f_s.shape[:2]
         m = self.block[level]
         coverage = block_coverage(mask_s, m)  # Eq. 6, [B, N_blocks]
-        idx = select_blocks(coverage, self.topk[level])  # Eq. 7, [B, k]
+        idx = select_blocks(coverage, self.topk[level], shuffle_ties=self.training)  # Eq. 7, [B, k]
         topk = idx.shape[1]
         # Flat support positions of the selected blocks (Eq. 5), grouped by position j in the block: [B, m*m*k].
         index = getattr(self, f"block_index_{level}")[idx].transpose(1, 2).reshape(bsz, 1, m * m * topk)
