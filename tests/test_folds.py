@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from jc2a.data.coco import contiguous_ids
+from jc2a.data.coco import COCO_CLASS_NAMES, COCO_CONTIGUOUS
 from jc2a.folds import base_classes, novel_classes
 
 FOLD0_COCO = [
@@ -34,8 +34,8 @@ def test_coco_interleaved_split():
 
 def test_coco_fold0_names_from_annotation_file(toy_coco):
     cats = json.loads((toy_coco / "annotations/instances_val2014.json").read_text())["categories"]
-    rank = contiguous_ids([c["id"] for c in cats])
-    names = {rank[c["id"]]: c["name"] for c in cats}
+    names = {COCO_CONTIGUOUS[c["id"]]: c["name"] for c in cats}
+    assert names == COCO_CLASS_NAMES
     assert [names[c] for c in novel_classes("coco20i", 0)] == FOLD0_COCO
 
 

@@ -264,13 +264,13 @@ def test_pascal_label_of_another_size_is_skipped_and_named(tmp_path):
     assert reason.startswith("size mismatch") and f"{victim}.jpg" in reason
 
 
-def test_rasterize_hand_built_overlaps_crowds_and_gaps(tmp_path):
+def test_rasterize_hand_built_overlaps_crowds_and_gaps():
     """An oracle written by hand: big object under a small one, a crowd partly under an object, id 90 -> 80."""
     from pycocotools import mask as mask_utils
 
-    from jc2a.data.coco import contiguous_ids, rasterize
+    from jc2a.data.coco import COCO_CONTIGUOUS, rasterize
 
-    def rle(rows, cols, crowd=False):
+    def rle(rows, cols):
         m = np.zeros((8, 10), np.uint8, order="F")
         m[rows, cols] = 1
         r = mask_utils.encode(np.asfortranarray(m))
@@ -282,20 +282,10 @@ def test_rasterize_hand_built_overlaps_crowds_and_gaps(tmp_path):
         {"id": 2, "image_id": 7, "category_id": 13, "segmentation": rle(slice(1, 6), slice(1, 7)), "iscrowd": 0},
         {"id": 3, "image_id": 7, "category_id": 1, "segmentation": rle(slice(4, 8), slice(5, 10)), "iscrowd": 1},
     ]
-    for a in anns:
-        a["area"] = float(mask_utils.area(a["segmentation"]))
-        a["bbox"] = list(mask_utils.toBbox(a["segmentation"]))
-    cats = [{"id": i, "name": f"c{i}", "supercategory": "x"} for i in (1, 13, 90)]
-    data = {"images": [{"id": 7, "file_name": "x.jpg", "height": 8, "width": 10}], "annotations": anns,
-            "categories": cats}  # fmt: skip
-    path = tmp_path / "ann.json"
-    path.write_text(json.dumps(data))
-    coco = COCO(str(path))
-    ids = contiguous_ids([1, 13, 90])  # 1 -> 1, 13 -> 2, 90 -> 3 in this file
-    label = rasterize(coco, coco.imgs[7], ids)
+    label = rasterize({"id": 7, "file_name": "x.jpg", "height": 8, "width": 10}, anns)
     expected = np.zeros((8, 10), np.uint8)
     expected[4:8, 5:10] = 255  # crowd
-    expected[1:6, 1:7] = 2  # stop sign (big) covers part of the crowd
-    expected[2:4, 2:4] = 3  # toothbrush (small) stays visible on top
+    expected[1:6, 1:7] = 12  # stop sign (big, COCO id 13 -> 12) covers part of the crowd
+    expected[2:4, 2:4] = 80  # toothbrush (small, COCO id 90 -> 80) stays visible on top
     np.testing.assert_array_equal(label, expected)
-    assert contiguous_ids([1, 13, 90, 5]) == {1: 1, 5: 2, 13: 3, 90: 4}
+    assert (COCO_CONTIGUOUS[1], COCO_CONTIGUOUS[13], COCO_CONTIGUOUS[90], len(COCO_CONTIGUOUS)) == (1, 12, 80, 80)

@@ -2,14 +2,18 @@
 
 Layout of one split in `out/`:
     <split>-000000.tar, <split>-000001.tar, ...   plain webdataset tars, members <key>.json/.jpg/.png
-    <split>-index.json                            key, shard, class pixel counts and member offsets
+    <split>-index.json                            shards (bytes, sha256), key, shard, class pixel counts, offsets
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import time
 from collections import Counter
@@ -20,14 +24,40 @@ from typing import Iterable, Optional
 from PIL import Image
 from tqdm import tqdm
 
-from jc2a.data.records import SourceItem, encode_label, header
+from jc2a.data.records import SourceItem, class_pixels, decode_label, encode_label, header
 
-INDEX_FORMAT = "jc2a-shards/1"
+INDEX_FORMAT = "jc2a-shards/2"  # 2: every shard's bytes and sha256
+READABLE_FORMATS = ("jc2a-shards/1", INDEX_FORMAT)
 MEMBERS = ("json", "jpg", "png")  # order inside a record
+_SPLIT = re.compile(r"[A-Za-z0-9_]+")
+
+
+class ShardWriteError(OSError):
+    """Writing failed (disk full, unwritable): one line naming the path; the complete shards stay."""
+
+
+def check_split(split: str) -> str:
+    """`split` if it is a plain name (`[A-Za-z0-9_]+`), else a ValueError: it becomes part of file names."""
+    if not isinstance(split, str) or not _SPLIT.fullmatch(split):
+        raise ValueError(f"split {split!r} must be a plain name of letters, digits and '_'")
+    return split
 
 
 def shard_name(split: str, number: int) -> str:
     return f"{split}-{number:06d}.tar"
+
+
+def shard_pattern(split: str) -> re.Pattern:
+    """The only shard names an index of `split` may hold: `<split>-` six digits `.tar`."""
+    return re.compile(rf"{re.escape(check_split(split))}-\d{{6}}\.tar")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def index_name(split: str) -> str:
@@ -43,7 +73,8 @@ class WriteSummary:
     records: int = 0  # records in the split's shards now
     shards_written: int = 0
     shards_kept: int = 0  # complete shards found from an earlier run and not rewritten
-    skipped: list[dict] = field(default_factory=list)  # {"source", "reason"}
+    skipped: list[dict] = field(default_factory=list)  # {"source", "reason"}: images not written
+    dropped: list[dict] = field(default_factory=list)  # {"source", "reason"}: parts left out of written images
     removed: list[str] = field(default_factory=list)  # files of an earlier run deleted before resuming, and why
     seconds: float = 0.0
 
@@ -59,6 +90,11 @@ class WriteSummary:
         out += [f"    {s['source']}: {s['reason']}" for s in self.skipped[:10]]
         if len(self.skipped) > 10:
             out.append(f"    ... and {len(self.skipped) - 10} more (listed in the index under 'skipped')")
+        if self.dropped:
+            out.append(f"  left out {len(self.dropped)} malformed annotations (their images are written without them)")
+            out += [f"    {s['source']}: {s['reason']}" for s in self.dropped[:10]]
+            if len(self.dropped) > 10:
+                out.append(f"    ... and {len(self.dropped) - 10} more (listed in the index under 'dropped')")
         return out
 
 
@@ -83,6 +119,80 @@ def read_shard_entries(path: Path, shard: int) -> list[dict]:
         if set(entry["offsets"]) != set(MEMBERS):
             raise ValueError(f"{path}: record {key} has members {sorted(entry['offsets'])}, expected {list(MEMBERS)}")
     return list(entries.values())
+
+
+def _end_problem(path: Path, end: int) -> Optional[str]:
+    """Why the tar at `path` does not end like a complete archive after offset `end`, or None."""
+    size = path.stat().st_size
+    if end > size:
+        return f"truncated inside a member ({size} bytes, the last member needs {end})"
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read()
+    if len(tail) < 2 * tarfile.BLOCKSIZE or tail.count(0) != len(tail):
+        return "no end-of-archive marker (truncated)"
+    return None
+
+
+def _record_problem(members: dict[str, bytes], entry: dict) -> Optional[str]:
+    """Why a record read back from a kept shard is not one this writer wrote, or None."""
+    try:
+        meta = json.loads(members["json"])
+        label = decode_label(members["png"])
+        image_size = _check_image(members["jpg"], Path(entry["key"]))
+    except (ValueError, OSError) as exc:
+        return f"record {entry['key']}: unreadable member ({exc})"
+    sizes = {image_size, label.shape, (meta.get("height"), meta.get("width")) if isinstance(meta, dict) else None}
+    if len(sizes) != 1:
+        return f"record {entry['key']}: image, label and header sizes differ"
+    if meta.get("classes") != {str(c): n for c, n in class_pixels(label).items()}:
+        return f"record {entry['key']}: the header's class pixel counts differ from the label's"
+    return None
+
+
+def verify_shard(path: Path, shard: int, recorded: Optional[dict] = None) -> list[dict]:
+    """Index entries of a shard from an earlier run, after checking that it is whole; ValueError saying why not.
+
+    With `recorded` (its `{"bytes", "sha256"}` in the earlier index) the size and sha256 must match; without,
+    the tar must read to its end-of-archive marker and every record must decode (json, png, jpg) and agree
+    with its header.
+    """
+    if recorded is not None and recorded.get("sha256"):
+        size = path.stat().st_size
+        if size != recorded.get("bytes"):
+            raise ValueError(f"{size} bytes, the earlier index says {recorded.get('bytes')}")
+        if sha256_file(path) != recorded["sha256"]:
+            raise ValueError("its sha256 differs from the earlier index's")
+        return read_shard_entries(path, shard)
+    try:
+        entries = read_shard_entries(path, shard)
+        with tarfile.open(path) as tar:
+            last = tar.getmembers()[-1] if tar.getmembers() else None
+        end = 0 if last is None else last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        problem = _end_problem(path, end) or (None if entries else "no records")
+        with open(path, "rb") as f:
+            for entry in entries if problem is None else []:
+                members = {}
+                for ext, (offset, size) in entry["offsets"].items():
+                    f.seek(offset)
+                    members[ext] = f.read(size)
+                problem = _record_problem(members, entry)
+                if problem:
+                    break
+    except (tarfile.TarError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"not a readable shard ({exc})") from None
+    if problem:
+        raise ValueError(problem)
+    return entries
+
+
+def _earlier_index(out: Path, split: str) -> dict[str, dict]:
+    """`{shard name: {"bytes", "sha256"}}` from the split's index of an earlier run ({} when none has them)."""
+    try:
+        index = json.loads((out / index_name(split)).read_text())
+        return {s["name"]: s for s in index["shards"] if isinstance(s, dict) and "sha256" in s}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _complete_prefix(out: Path, split: str) -> tuple[list[Path], list[Path]]:
@@ -118,31 +228,70 @@ def _check_image(data: bytes, path: Path) -> tuple[int, int]:
 
 
 class _ShardFile:
-    """One shard being written under a temporary name; `close()` renames it into place."""
+    """One shard being written under a temporary name; `close()` renames it into place.
+
+    An OSError while writing (a full disk) removes the temporary file and raises ShardWriteError naming it.
+    """
 
     def __init__(self, out: Path, split: str, number: int) -> None:
         self.number = number
         self.path = out / shard_name(split, number)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.tar: Optional[tarfile.TarFile] = None
         self.records = 0
+        with self._writing():
+            self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
 
     @property
     def bytes(self) -> int:
         return self.tar.offset
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
-        for ext in MEMBERS:
-            _tar_member(self.tar, f"{key}.{ext}", members[ext])
+        with self._writing():
+            for ext in MEMBERS:
+                _tar_member(self.tar, f"{key}.{ext}", members[ext])
         self.records += 1
 
-    def close(self) -> list[dict]:
-        self.tar.close()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        entries = read_shard_entries(self.tmp, self.number)
-        os.replace(self.tmp, self.path)
-        return entries
+    def close(self) -> tuple[list[dict], dict]:
+        """(index entries of its records, `{"name", "records", "bytes", "sha256"}`) of the shard, now in place."""
+        with self._writing():
+            self.tar.close()
+            with open(self.tmp, "rb") as f:
+                os.fsync(f.fileno())
+            entries = read_shard_entries(self.tmp, self.number)
+            info = _shard_info(self.tmp, self.path.name, len(entries))
+            os.replace(self.tmp, self.path)
+        return entries, info
+
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except OSError as exc:
+            try:
+                if self.tar is not None:
+                    self.tar.fileobj.close()
+                self.tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise ShardWriteError(f"{self.tmp}: cannot write ({exc.strerror or exc}); complete shards stay") from None
+
+
+def _shard_info(path: Path, name: str, records: int) -> dict:
+    return {"name": name, "records": records, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _output_folder(out: Path) -> Path:
+    """`out`, created if absent; ValueError naming it when it is a file or cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: the output folder is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: the output folder is not writable")
+    return out
 
 
 def write_shards(
@@ -156,23 +305,44 @@ def write_shards(
 ) -> WriteSummary:
     """Write every item of `source` as one record, resuming after the complete shards of an earlier run.
 
+    A shard kept from an earlier run must match the size and sha256 that run's index recorded, or (with no
+    index) read whole to its end-of-archive marker with every record intact; a damaged one and every shard
+    after it are removed, named in `summary.removed`, and written again.
+
     Args:
-        source: items in a fixed order (a rerun must list them in the same order).
+        source: items in a fixed order (a rerun must list them in the same order). It may carry `problems`,
+            `{"source", "reason"}` of its own input left out, reported with the dropped annotations.
         out: the folder of the shards; created if absent.
-        split: shard name prefix, e.g. "train".
+        split: shard name prefix, a plain name (`[A-Za-z0-9_]+`), e.g. "train".
         dataset: "coco" or "pascal", stored in the index.
         class_names: contiguous id -> name, stored in the index.
         max_shard_bytes: a shard is closed before it would grow past this (a single larger record gets
             a shard of its own).
+
+    Raises:
+        ValueError: a bad split, an output folder that is a file or unwritable, or shards of another source.
+        ShardWriteError: writing failed (e.g. disk full); it names the file, and the complete shards stay.
     """
     start = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_split(split)
+    out = _output_folder(Path(out))
     summary = WriteSummary(split=split)
     kept, after_gap = _complete_prefix(out, split)
+    earlier = _earlier_index(out, split)
     entries: list[dict] = []
+    infos: dict[int, dict] = {}
+    damaged: list[tuple[Path, str]] = []
     for number, path in enumerate(kept):
-        entries += read_shard_entries(path, number)
+        try:
+            shard_entries = verify_shard(path, number, earlier.get(path.name))
+        except ValueError as exc:
+            damaged = [(path, f"damaged: {exc}")] + [(p, "follows a damaged shard") for p in kept[number + 1 :]]
+            kept = kept[:number]
+            break
+        entries += shard_entries
+        recorded = earlier.get(path.name)
+        infos[number] = recorded if recorded else _shard_info(path, path.name, len(shard_entries))
+        infos[number]["records"] = len(shard_entries)
     summary.shards_kept = len(kept)
     done = {e["key"] for e in entries}
 
@@ -184,39 +354,44 @@ def write_shards(
             f"{out}: the existing {split} shards hold {len(foreign)} records this source does not list "
             f"(e.g. {sorted(foreign)[0]}); write to a fresh --out folder"
         )
-    for stale in sorted(out.glob(f"{split}-*.tar.tmp")):  # an interrupted shard: rewritten from its first record
-        stale.unlink()
-        summary.removed.append(f"{stale.name} (an interrupted shard; its records are written again)")
-    for path in after_gap:  # written after a missing shard: rewriting from the gap would duplicate them
+    removals = [(p, "an interrupted shard") for p in sorted(out.glob(f"{split}-*.tar.tmp"))]
+    removals += damaged + [(p, "follows a missing shard") for p in after_gap]
+    for path, why in removals:  # rewriting from the first gap would duplicate what follows it
         path.unlink()
-        summary.removed.append(f"{path.name} (follows a missing shard; its records are written again)")
+        summary.removed.append(f"{path.name} ({why}; its records are written again)")
+    summary.dropped += list(getattr(source, "problems", []))
     shard: Optional[_ShardFile] = None
     next_number = len(kept)
     bar = tqdm(items, desc=f"shards {split}", unit="img", disable=not progress, total=summary.images)
     for item in bar:
-        if item.key in done:
+        if item.error is not None:
+            summary.skipped.append({"source": item.source, "reason": item.error})
             continue
-        try:
-            members = _record_members(item)
-        except (OSError, ValueError) as exc:
-            reason = str(exc) if isinstance(exc, ValueError) else f"unreadable image: {item.image_path} ({exc})"
-            summary.skipped.append({"source": item.source, "reason": reason})
-            continue
-        size = sum(len(v) + 1024 for v in members.values())
-        if shard is not None and shard.records and shard.bytes + size > max_shard_bytes:
-            entries += shard.close()
-            summary.shards_written += 1
-            shard = None
-        if shard is None:
-            shard = _ShardFile(out, split, next_number)
-            next_number += 1
-        shard.add(item.key, members)
+        if item.key not in done:
+            try:
+                members = _record_members(item)
+            except (OSError, ValueError) as exc:
+                reason = str(exc) if isinstance(exc, ValueError) else f"unreadable image: {item.image_path} ({exc})"
+                summary.skipped.append({"source": item.source, "reason": reason})
+                continue
+            size = sum(len(v) + 1024 for v in members.values())
+            if shard is not None and shard.records and shard.bytes + size > max_shard_bytes:
+                shard_entries, infos[shard.number] = shard.close()
+                entries += shard_entries
+                summary.shards_written += 1
+                shard = None
+            if shard is None:
+                shard = _ShardFile(out, split, next_number)
+                next_number += 1
+            shard.add(item.key, members)
+        summary.dropped += [{"source": item.source, "reason": p} for p in item.problems]
     if shard is not None:
-        entries += shard.close()
+        shard_entries, infos[shard.number] = shard.close()
+        entries += shard_entries
         summary.shards_written += 1
     summary.records = len(entries)
     summary.seconds = time.time() - start
-    _write_index(out, split, dataset, class_names, entries, summary)
+    _write_index(out, split, dataset, class_names, entries, [infos[n] for n in sorted(infos)], summary)
     return summary
 
 
@@ -241,38 +416,49 @@ def _record_members(item: SourceItem) -> dict[str, bytes]:
 
 
 def _write_index(
-    out: Path, split: str, dataset: str, class_names: dict[int, str], entries: list[dict], summary: WriteSummary
+    out: Path,
+    split: str,
+    dataset: str,
+    class_names: dict[int, str],
+    entries: list[dict],
+    shards: list[dict],
+    summary: WriteSummary,
 ) -> Path:
-    shards: dict[int, dict] = {}
-    for e in entries:
-        s = shards.setdefault(e["shard"], {"name": shard_name(split, e["shard"]), "records": 0})
-        s["records"] += 1
     index = {
         "format": INDEX_FORMAT,
         "dataset": dataset,
         "split": split,
         "classes": {str(k): v for k, v in sorted(class_names.items())},
-        "shards": [shards[n] for n in sorted(shards)],
+        "shards": [{k: s[k] for k in ("name", "records", "bytes", "sha256")} for s in shards],
         "records": entries,
         "skipped": summary.skipped,
+        "dropped": summary.dropped,
     }
     path = out / index_name(split)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(index, separators=(",", ":")))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(index, separators=(",", ":")))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ShardWriteError(
+            f"{path}: cannot write the index ({exc.strerror or exc}); the shards are complete"
+        ) from None
     return path
 
 
 # --------------------------------------------------------------------------- command line
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     coco = sub.add_parser("coco", help="COCO 2014 instances json + images")
     coco.add_argument("--root", type=Path, help="COCO folder with train2014/, val2014/, annotations/ (both splits)")
     coco.add_argument("--images", type=Path, help="one image folder, e.g. train2014/")
     coco.add_argument("--annotations", type=Path, help="its instances json")
-    coco.add_argument("--split", help="shard name prefix (default: 'train' or 'val' from the folder name)")
+    coco.add_argument(
+        "--split", type=_split_arg, help="shard name prefix (default: 'train' or 'val' from the folder name)"
+    )
     coco.add_argument("--out", type=Path, default=Path("shards/coco"))
     pascal = sub.add_parser("pascal", help="VOC 2012 + SBD SegmentationClassAug")
     pascal.add_argument("--root", type=Path, required=True, help="folder with JPEGImages/ and SegmentationClassAug/")
@@ -285,7 +471,14 @@ def add_arguments(parser) -> None:
         p.add_argument("--no-progress", action="store_true")
 
 
-def _coco_jobs(args) -> list[tuple[str, object]]:
+def _split_arg(text: str) -> str:
+    try:
+        return check_split(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _coco_jobs(args: argparse.Namespace) -> list[tuple[str, object]]:
     from jc2a.data.coco import CocoSource
 
     if args.root is not None:
@@ -301,7 +494,7 @@ def _coco_jobs(args) -> list[tuple[str, object]]:
     return [(split, CocoSource(args.images, args.annotations))]
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     if args.dataset == "coco":
         jobs = _coco_jobs(args)
     else:
@@ -310,15 +503,18 @@ def run(args) -> int:
         splits = ("train", "val") if args.split == "both" else (args.split,)
         jobs = [(s, PascalSource(args.root, s, args.train_list, args.val_list)) for s in splits]
     for split, source in jobs:
-        summary = write_shards(
-            source,
-            args.out,
-            split,
-            args.dataset,
-            source.class_names,
-            max_shard_bytes=int(args.max_shard_mb * 2**20),
-            progress=not args.no_progress,
-        )
+        try:
+            summary = write_shards(
+                source,
+                args.out,
+                split,
+                args.dataset,
+                source.class_names,
+                max_shard_bytes=int(args.max_shard_mb * 2**20),
+                progress=not args.no_progress,
+            )
+        except ShardWriteError as exc:  # the command line reports ValueErrors as one line
+            raise ValueError(str(exc)) from None
         print("\n".join(summary.lines()))
     print(f"shards and indexes in {args.out}")
     return 0
