@@ -13,7 +13,7 @@ from jc2a.config import ConfigError
 COMMANDS = {
     "toy": ("jc2a.data.toy", "write the built-in procedural toy dataset (COCO or VOC layout)"),
     "shards": ("jc2a.data.shards", "convert COCO 2014 or VOC 2012 + SBD into webdataset shards"),
-    "preview": ("jc2a.data.preview", "stream episodes from shards and save them as pictures"),
+    "preview": ("jc2a.runs.preview", "stream episodes from shards and save them as pictures"),
     "summary": ("jc2a.model.summary", "parameter counts of the paper's Table 3 rows"),
     "bench": ("jc2a.bench", "benchmarks that print ratios measured in one run"),
 }

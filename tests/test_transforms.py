@@ -11,20 +11,18 @@ from jc2a.config import AugmentConfig
 from jc2a.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_PIXEL,
-    IMAGENET_STD,
     Compose,
-    LongSideResize,
-    PadToSquare,
     RandCrop,
     RandomGaussianBlur,
     RandomHorizontalFlip,
     RandRotate,
     RandScale,
+    TestResize,
     ToTensor,
+    canvas_size,
     check_size,
     eval_transform,
     mean_pixel,
-    normalization,
     train_transform,
 )
 
@@ -75,10 +73,10 @@ def assert_aligned(image: np.ndarray, label: np.ndarray, min_pixels: int = 200) 
     assert abs(ys.mean() - cy.mean()) <= 1.0 and abs(xs.mean() - cx.mean()) <= 1.0
 
 
-def denormalize(img: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-    """`[3,H,W]` normalised -> `[H,W,3]` uint8."""
-    x = img.numpy().transpose(1, 2, 0) * np.array(std) + np.array(mean)
-    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+def hwc(img: torch.Tensor) -> np.ndarray:
+    """`[3,H,W]` uint8 tensor -> `[H,W,3]` uint8 array."""
+    assert img.dtype == torch.uint8
+    return img.numpy().transpose(1, 2, 0)
 
 
 # --------------------------------------------------------------------------- single steps
@@ -234,28 +232,29 @@ def _augment(p: float) -> AugmentConfig:
 @pytest.mark.parametrize("p", [0.5, 1.0])
 def test_train_pipeline_keeps_alignment(p: float) -> None:
     image, label = make_pair(200, 260, box=(40, 60, 80, 70))
-    t = train_transform(_augment(p), 129, IMAGENET_MEAN, IMAGENET_STD)
+    t = train_transform(_augment(p), 129, IMAGENET_MEAN)
     for seed in range(25):
         img, lbl = t(image, label, np.random.default_rng(seed))
-        assert img.dtype == torch.float32 and img.shape == (3, 129, 129)
-        assert lbl.dtype == torch.int64 and lbl.shape == (129, 129)
-        assert_aligned(denormalize(img), lbl.numpy().astype(np.uint8))
+        assert img.dtype == torch.uint8 and img.shape == (3, 129, 129)
+        assert lbl.dtype == torch.uint8 and lbl.shape == (129, 129)
+        assert_aligned(hwc(img), lbl.numpy())
         assert (lbl == 1).sum() >= 0.85 * (label == 1).sum() * 0.9**2 * 0.95  # crop kept the (scaled) target
 
 
-def test_train_pipeline_normalizes_with_mean_and_std() -> None:
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    image = np.full((140, 140, 3), 200, np.uint8)
-    label = np.zeros((140, 140), np.uint8)
+def test_train_pipeline_pads_with_the_mean_pixel_and_stays_uint8() -> None:
+    mean = (0.5, 0.4, 0.3)
+    image = np.full((100, 100, 3), 200, np.uint8)
+    label = np.zeros((100, 100), np.uint8)
     cfg = AugmentConfig(scale=[1.0, 1.0], rotate_p=0.0, blur_p=0.0, flip_p=0.0)
-    img, _ = train_transform(cfg, 129, mean, std)(image, label, np.random.default_rng(0))
-    expected = (200 / 255 - np.array(mean)) / np.array(std)
-    assert torch.allclose(img[:, 5, 5], torch.tensor(expected, dtype=torch.float32), atol=1e-5)
+    img, lbl = train_transform(cfg, 129, mean)(image, label, np.random.default_rng(0))
+    assert img.dtype == torch.uint8 and lbl.dtype == torch.uint8
+    assert img[:, 0, 0].tolist() == list(mean_pixel(mean)) and int(lbl[0, 0]) == 255  # padding
+    assert img[:, 64, 64].tolist() == [200, 200, 200] and int(lbl[64, 64]) == 0  # the image, untouched
 
 
 def test_train_pipeline_is_seeded() -> None:
     image, label = make_pair(200, 260, box=(40, 60, 80, 70))
-    t = train_transform(AugmentConfig(), 129, IMAGENET_MEAN, IMAGENET_STD)
+    t = train_transform(AugmentConfig(), 129, IMAGENET_MEAN)
     a = t(image, label, np.random.default_rng(7))
     b = t(image, label, np.random.default_rng(7))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -265,23 +264,74 @@ def test_train_pipeline_is_seeded() -> None:
         t(image, label)
 
 
-@pytest.mark.parametrize("hw", [(240, 320), (320, 240), (129, 129), (50, 40), (600, 97)])
-def test_eval_canvas(hw: tuple[int, int]) -> None:
+def pfenet_test_resize(image: np.ndarray, label: np.ndarray, test_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """PFENet's util/transform.py `test_Resize.__call__`, line for line (float canvases, as PFENet builds them)."""
+
+    def find_new_hw(ori_h, ori_w, test_size):
+        if max(ori_h, ori_w) > test_size:
+            if ori_h >= ori_w:
+                ratio = test_size * 1.0 / ori_h
+                new_h = test_size
+                new_w = int(ori_w * ratio)
+            elif ori_w > ori_h:
+                ratio = test_size * 1.0 / ori_w
+                new_h = int(ori_h * ratio)
+                new_w = test_size
+            if new_h % 8 != 0:
+                new_h = (int(new_h / 8)) * 8
+            else:
+                new_h = new_h
+            if new_w % 8 != 0:
+                new_w = (int(new_w / 8)) * 8
+            else:
+                new_w = new_w
+            return new_h, new_w
+        else:
+            return ori_h, ori_w
+
+    new_h, new_w = find_new_hw(image.shape[0], image.shape[1], test_size)
+    image_crop = cv2.resize(image, dsize=(int(new_w), int(new_h)), interpolation=cv2.INTER_LINEAR)
+    back_crop = np.zeros((test_size, test_size, 3))
+    back_crop[:new_h, :new_w, :] = image_crop
+    image = back_crop
+    s_mask = label
+    new_h, new_w = find_new_hw(s_mask.shape[0], s_mask.shape[1], test_size)
+    s_mask = cv2.resize(s_mask.astype(np.float32), dsize=(int(new_w), int(new_h)), interpolation=cv2.INTER_NEAREST)
+    back_crop_s_mask = np.ones((test_size, test_size)) * 255
+    back_crop_s_mask[:new_h, :new_w] = s_mask
+    label = back_crop_s_mask
+    return image, label
+
+
+@pytest.mark.parametrize("hw", [(375, 500), (500, 375), (300, 200), (473, 473), (481, 640), (129, 129), (600, 97)])
+def test_eval_canvas_is_pfenets_test_resize(hw: tuple[int, int]) -> None:
     h, w = hw
-    image, label = make_pair(h, w, band=False)
-    img, lbl = eval_transform(129, IMAGENET_MEAN, IMAGENET_STD)(image, label)
-    assert img.shape == (3, 129, 129) and img.dtype == torch.float32
-    assert lbl.shape == (129, 129) and lbl.dtype == torch.int64
-    valid = (lbl != 255).numpy()
-    rows, cols = np.nonzero(valid)
-    nh, nw = rows.max() + 1, cols.max() + 1
-    assert valid[:nh, :nw].all() and valid.sum() == nh * nw  # one top-left rectangle
-    assert max(nh, nw) == 129
-    assert abs(nh * w - nw * h) <= max(h, w)  # aspect kept within a pixel
-    assert torch.all(img[:, nh:, :] == 0) and torch.all(img[:, :, nw:] == 0)
-    assert torch.all(lbl[nh:, :] == 255) and torch.all(lbl[:, nw:] == 255)
-    if min(nh, nw) >= 40:
-        assert_aligned(denormalize(img[:, :nh, :nw]), lbl[:nh, :nw].numpy().astype(np.uint8), min_pixels=100)
+    rng = np.random.default_rng(h * 1000 + w)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    label = rng.choice(np.array([0, 1, 255], np.uint8), size=(h, w), p=[0.6, 0.3, 0.1])
+    img, lbl = eval_transform(473)(image, label)
+    assert img.dtype == torch.uint8 and img.shape == (3, 473, 473)
+    assert lbl.dtype == torch.uint8 and lbl.shape == (473, 473)
+    ref_img, ref_lbl = pfenet_test_resize(image, label, 473)
+    assert np.array_equal(hwc(img).astype(np.float64), ref_img)  # black canvas before normalisation
+    assert np.array_equal(lbl.numpy().astype(np.float64), ref_lbl)
+
+
+def test_canvas_size_floors_both_sides_to_8() -> None:
+    assert canvas_size(375, 500, 473) == (352, 472)
+    assert canvas_size(500, 375, 473) == (472, 352)
+    assert canvas_size(481, 640, 473) == (352, 472)
+    assert canvas_size(300, 200, 473) == (300, 200)  # smaller: not rescaled, not floored
+    assert canvas_size(473, 473, 473) == (473, 473)
+
+
+def test_eval_canvas_keeps_alignment() -> None:
+    image, label = make_pair(240, 320, band=False)
+    img, lbl = TestResize(129)(image, label)
+    nh, nw = canvas_size(240, 320, 129)
+    assert (nh, nw) == (96, 128)
+    assert np.all(img[nh:] == 0) and np.all(img[:, nw:] == 0) and np.all(lbl[nh:] == 255) and np.all(lbl[:, nw:] == 255)
+    assert_aligned(img[:nh, :nw], lbl[:nh, :nw], min_pixels=100)
 
 
 def test_eval_is_deterministic_without_rng() -> None:
@@ -300,7 +350,7 @@ MISMATCH_STEPS = [
     RandomGaussianBlur(p=1.0),
     RandomHorizontalFlip(p=1.0),
     RandCrop(129),
-    LongSideResize(129),
+    TestResize(129),
     ToTensor(),
     train_transform(AugmentConfig(), 129),
     eval_transform(129),
@@ -315,13 +365,6 @@ def test_size_mismatch_names_both_sizes(step) -> None:
         step(image, label, np.random.default_rng(0))
 
 
-def test_pad_to_square_mismatch_and_overflow() -> None:
-    with pytest.raises(ValueError, match="image 48x64 but label 48x60"):
-        PadToSquare(129)(torch.zeros(3, 48, 64), torch.zeros(48, 60, dtype=torch.int64))
-    with pytest.raises(ValueError, match="200x64"):
-        PadToSquare(129)(torch.zeros(3, 200, 64), torch.zeros(200, 64, dtype=torch.int64))
-
-
 def test_check_size() -> None:
     for size in (473, 641, 129, 9):
         assert check_size(size) == size
@@ -332,17 +375,6 @@ def test_check_size() -> None:
         train_transform(AugmentConfig(), 512)
     with pytest.raises(ValueError):
         eval_transform(500)
-
-
-def test_normalization_from_timm() -> None:
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg("resnet50")
-    assert normalization("resnet50") == (tuple(cfg.mean), tuple(cfg.std))
-    assert normalization("resnet50.a1_in1k") == (IMAGENET_MEAN, IMAGENET_STD)
-    assert normalization("inception_v3") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    assert normalization("no_such_backbone") == (IMAGENET_MEAN, IMAGENET_STD)
-    assert normalization("resnet50.no_such_tag") == (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def test_mean_pixel() -> None:

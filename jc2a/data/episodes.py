@@ -1,9 +1,17 @@
-"""Few-shot episodes from shards: the streaming training sampler and the fixed, seeded evaluation list.
+"""Few-shot episodes from shards: the streaming training sampler, the fixed seeded evaluation list, the bank pass.
 
 An episode is a dict (SPEC §1 Episodes):
-    query_img [3,S,S] float, query_mask [S,S] int64 (0/1/255), support_imgs [K,3,S,S],
-    support_masks [K,S,S], class_id int, query_key / support_keys (record keys);
-    evaluation adds query_label [h,w] (the original-size binary label, 0/1/255) and `episode` (its position).
+    query_img [3,S,S] uint8, query_mask [S,S] uint8 (0/1/255), support_imgs [K,3,S,S] uint8,
+    support_masks [K,S,S] uint8, class_id int, query_key / support_keys (record keys);
+    evaluation adds query_label [h,w] uint8 (the original-size binary label, 0/1/255) and `episode` (its position).
+Images stay uint8 across the loader's worker boundary; the run normalises them on the device with the
+backbone's own mean and std.
+
+Protocols (`data.protocol`, docs/PROTOCOL.md):
+    pfenet (default, the paper follows PFENet): an image is a query when some fold class covers >= min_pixels in
+        it; its class is drawn among the fold classes present in it; one episode per image (an epoch of training,
+        a walk over the validation list in order for evaluation).
+    hsnet: one training episode per usable (image, class) pair; evaluation classes uniform over the fold.
 """
 
 from __future__ import annotations
@@ -12,22 +20,33 @@ import json
 import logging
 import math
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
+import cv2
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from jc2a.config import Config
-from jc2a.folds import base_classes, novel_classes
 from jc2a.data.locations import ShardSet
-from jc2a.data.records import RecordError, binarize, decode_record
-from jc2a.data.transforms import eval_transform, normalization, train_transform
+from jc2a.data.records import IGNORE, RecordError, binarize, decode_record
+from jc2a.data.transforms import IMAGENET_MEAN, eval_transform, train_transform
+from jc2a.folds import base_classes, novel_classes
 
 log = logging.getLogger("jc2a.data")
+
+PROTOCOLS = ("pfenet", "hsnet")
+
+# SeedSequence spawn keys: one independent stream per purpose, so no two purposes ever share a generator.
+_KEY_SHARDS, _KEY_SHUFFLE, _KEY_CLASS, _KEY_POOL, _KEY_EPISODE = range(5)
+
+
+class StreamError(RuntimeError):
+    """A stream that cannot go on (nothing readable, no episode can be formed); one line naming split and place."""
 
 
 @dataclass(frozen=True)
@@ -39,9 +58,17 @@ class Episode:
     supports: tuple[int, ...]
 
 
-def _seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+def _seeds(entropy: Sequence[int], *key: int) -> np.random.SeedSequence:
+    """The SeedSequence of `entropy` (non-negative ints) for purpose `key` (its spawn key)."""
+    return np.random.SeedSequence([int(e) & 0xFFFFFFFF for e in entropy], spawn_key=tuple(int(k) for k in key))
+
+
+def _rng(entropy: Sequence[int], *key: int) -> np.random.Generator:
+    return np.random.default_rng(_seeds(entropy, *key))
+
+
+def _py_random(entropy: Sequence[int], *key: int) -> random.Random:
+    return random.Random(int(_seeds(entropy, *key).generate_state(2, np.uint64)[0]))
 
 
 def stack_episode(query: tuple, supports: list[tuple], class_id: int) -> dict:
@@ -69,22 +96,57 @@ def collate(episodes: Sequence[dict]) -> dict:
     return out
 
 
+def default_rank_world() -> tuple[int, int]:
+    """(rank, world) of torch.distributed when it is initialised (accelerate, torchrun), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _present(classes: dict, fold: set[int]) -> list[int]:
+    """Fold classes present in a record (any size), ascending."""
+    return sorted(int(k) for k in classes if int(k) in fold)
+
+
+def _usable(classes: dict, fold: set[int], min_pixels: int) -> list[int]:
+    """Fold classes covering at least `min_pixels` pixels of a record, ascending."""
+    return sorted(int(k) for k, n in classes.items() if int(k) in fold and n >= min_pixels)
+
+
+def servable_classes(shards: ShardSet, classes: Sequence[int], shot: int, min_pixels: int) -> list[int]:
+    """Classes with at least `shot + 1` usable images: a query and K distinct other supports can be found."""
+    return [c for c in classes if len(shards.usable(c, min_pixels)) >= shot + 1]
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
 def eval_episode_list(
-    shards: ShardSet, classes: Sequence[int], shot: int, episodes: int, seed: int, min_pixels: int
+    shards: ShardSet,
+    classes: Sequence[int],
+    shot: int,
+    episodes: int,
+    seed: int,
+    min_pixels: int,
+    protocol: str = "pfenet",
 ) -> list[Episode]:
     """The fixed episode list of a fold, from `seed` alone: never from processes or workers.
 
-    Class uniform over `classes` (those with at least shot + 1 usable images), query uniform among the
-    class's usable images, `shot` distinct supports other than the query. Classes and queries come from one
-    stream seeded by `seed`, so the 1-shot and 5-shot lists share their queries and a shorter list is a prefix
-    of a longer one; each episode's supports come from a generator seeded by `(seed, episode)`.
+    pfenet (PFENet's test.py): walk the qualifying images (a fold class covers >= min_pixels) in index order, over
+    and over as needed; per image the class is drawn among the fold classes present in it (any size) that have
+    `shot` usable images besides it. hsnet: class uniform over the fold's classes, query uniform among its usable
+    images. Either way the class/query draw has a generator of its own and each episode's supports another
+    (SeedSequence spawn keys), so the 1- and 5-shot lists share their queries wherever every class drawn has 5
+    usable images besides the query, and a shorter list is a prefix of a longer one.
     """
-    usable = {c: shards.usable(c, min_pixels) for c in classes}
-    kept = [c for c in classes if len(usable[c]) >= shot + 1]
-    dropped = sorted(set(classes) - set(kept))
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown episode protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    fold = set(int(c) for c in classes)
+    usable = {c: shards.usable(c, min_pixels) for c in sorted(fold)}
+    kept = [c for c in sorted(fold) if len(usable[c]) >= shot + 1]
+    dropped = sorted(fold - set(kept))
     if dropped:
         log.warning(
             "%s: classes %s have fewer than %d usable images (>= %d pixels) and get no episode",
@@ -92,17 +154,39 @@ def eval_episode_list(
         )  # fmt: skip
     if not kept:
         raise ValueError(
-            f"{shards.index_url}: no class of {list(classes)} has {shot + 1} images with >= {min_pixels} pixels"
+            f"{shards.index_url}: no class of {sorted(fold)} has {shot + 1} images with >= {min_pixels} pixels"
         )
-    rng = np.random.default_rng(_seed(seed))
-    out = []
-    for i in range(episodes):
-        class_id = kept[int(rng.integers(len(kept)))]
-        pool = usable[class_id]
-        query = int(pool[rng.integers(len(pool))])
-        others = pool[pool != query]
-        picks = np.random.default_rng(_seed(seed, i)).choice(others, size=shot, replace=False)
-        out.append(Episode(class_id, query, tuple(int(p) for p in picks)))
+    draw = _rng([seed], _KEY_CLASS)
+
+    def supports(i: int, class_id: int, query: int) -> tuple[int, ...]:
+        others = usable[class_id][usable[class_id] != query]
+        picks = _rng([seed], _KEY_EPISODE, i).choice(others, size=shot, replace=False)
+        return tuple(int(p) for p in picks)
+
+    out: list[Episode] = []
+    if protocol == "hsnet":
+        for i in range(episodes):
+            class_id = kept[int(draw.integers(len(kept)))]
+            pool = usable[class_id]
+            query = int(pool[draw.integers(len(pool))])
+            out.append(Episode(class_id, query, supports(i, class_id, query)))
+        return out
+
+    servable = set(kept)
+    queries = [
+        (i, [c for c in _present(r["classes"], servable) if len(usable[c]) - int(i in set(usable[c])) >= shot])
+        for i, r in enumerate(shards.records)
+        if _usable(r["classes"], fold, min_pixels)
+    ]
+    queries = [(i, cands) for i, cands in queries if cands]
+    if not queries:
+        raise ValueError(f"{shards.index_url}: no image can be a query of {sorted(fold)} with {shot} supports")
+    while len(out) < episodes:
+        for position, candidates in queries:
+            if len(out) == episodes:
+                break
+            class_id = candidates[int(draw.integers(len(candidates)))]
+            out.append(Episode(class_id, position, supports(len(out), class_id, position)))
     return out
 
 
@@ -119,30 +203,20 @@ class EvalEpisodes(Dataset):
     Args:
         shards: the evaluation split.
         episodes: the whole fold list (`eval_episode_list`).
-        size: input size S; mean, std: the backbone's normalisation.
+        size: input size S (PFENet's test canvas).
         rank, world: this process's share.
     """
 
-    def __init__(
-        self,
-        shards: ShardSet,
-        episodes: Sequence[Episode],
-        size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        rank: int = 0,
-        world: int = 1,
-    ) -> None:
+    def __init__(self, shards: ShardSet, episodes: Sequence[Episode], size: int, rank: int = 0, world: int = 1) -> None:
         self.shards, self.episodes = shards, list(episodes)
         self.positions = share(len(self.episodes), rank, world)
-        self.transform = eval_transform(size, mean, std)
+        self.transform = eval_transform(size)
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def _load(self, position: int, class_id: int) -> tuple[np.ndarray, np.ndarray]:
-        sample = self.shards.read(position)
-        image, label, _ = decode_record(sample)
+        image, label, _ = decode_record(self.shards.read(position))
         return image, binarize(label, class_id)
 
     def __getitem__(self, i: int) -> dict:
@@ -150,25 +224,79 @@ class EvalEpisodes(Dataset):
         image, label = self._load(ep.query, ep.class_id)
         supports = [self.transform(*self._load(s, ep.class_id)) for s in ep.supports]
         out = stack_episode(self.transform(image, label), supports, ep.class_id)
-        out["query_label"] = torch.from_numpy(label.astype(np.int64))
+        out["query_label"] = torch.from_numpy(label)
         out["episode"] = self.positions[i]
         out["query_key"] = self.shards.records[ep.query]["key"]
         out["support_keys"] = [self.shards.records[s]["key"] for s in ep.supports]
         return out
 
 
+class BankImages(Dataset):
+    """A rank's share of the training images that hold a usable fold class: CKMM's bank pass (Eqs. 11-12).
+
+    Each item is one image on PFENet's test canvas with its full label (class ids, 255 ignore) and the usable
+    classes, so the backbone runs once per image however many classes it holds:
+    `{"image": [3,S,S] uint8, "label": [S,S] uint8, "classes": [int], "key": str}`.
+    """
+
+    def __init__(
+        self, shards: ShardSet, classes: Sequence[int], min_pixels: int, size: int, rank: int = 0, world: int = 1
+    ) -> None:
+        fold = set(int(c) for c in classes)
+        self.shards = shards
+        self.items = [(i, cs) for i, r in enumerate(shards.records) if (cs := _usable(r["classes"], fold, min_pixels))]
+        self.positions = share(len(self.items), rank, world)
+        self.transform = eval_transform(size)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def instances(self) -> int:
+        """(image, class) instances over every rank."""
+        return sum(len(cs) for _, cs in self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        position, classes = self.items[self.positions[i]]
+        image, label, _ = decode_record(self.shards.read(position))
+        image, label = self.transform(image, label)
+        return {"image": image, "label": label, "classes": list(classes), "key": self.shards.records[position]["key"]}
+
+
 # --------------------------------------------------------------------------- training
+
+
+def qualifying_images(
+    shards: ShardSet, classes: Sequence[int], min_pixels: int, exclude: Sequence[int] = ()
+) -> list[int]:
+    """Positions of the images where some class of `classes` covers >= min_pixels and no class of `exclude` is
+    present (BAM's filter of training images holding novel-class pixels, when `exclude` is given)."""
+    fold, banned = set(int(c) for c in classes), {str(int(c)) for c in exclude}
+    return [
+        i
+        for i, r in enumerate(shards.records)
+        if _usable(r["classes"], fold, min_pixels) and not banned.intersection(r["classes"])
+    ]
 
 
 class TrainEpisodes(IterableDataset):
     """An endless stream of training episodes over the base classes, from resampled shards.
 
-    shards -> split by node, then by worker -> resample -> tar to samples -> shuffle -> decode
-    -> per-class support pools -> episodes -> augmentation. Every usable (image, class) pair becomes a
-    query; its K supports are K distinct other images of the class from a bounded pool that the same
-    stream fills. A pair that arrives while its class has fewer than K other images in the pool only joins
-    the pool (the stream is endless, so the image comes back as a query later). Records that fail to decode
-    are skipped and counted (`self.skipped`, and a warning naming the record and its shard).
+    resampled shards (every shard, each rank and worker its own seed) -> tar to samples -> json headers ->
+    per-class support pools -> (sample, class) items -> shuffle -> episodes -> augmentation.
+
+    pfenet: a record is a query when some base class covers >= min_pixels in it (and, with `exclude`, no novel
+    class is present); its class is drawn among the base classes present (any size) that have `shot + 1` usable
+    images in the split. hsnet: every usable (record, class) pair is a query. The K supports are K distinct other
+    records where the class is usable, from a bounded pool the same stream fills (an item whose class has fewer
+    than K others in the pool yet is dropped; the shuffle buffer fills the pools before the first episode).
+
+    Reproducible: the stream of (seed, epoch, rank, worker) is fixed; each purpose (shard choice, shuffle, class
+    draw, pool replacement, each episode's supports and augmentation) has its own SeedSequence spawn key.
+    `start` episodes of this stream can be skipped without decoding or augmenting them (exact resume).
+
+    Bounded: the stream raises StreamError, naming the split and location, after `max_failures` consecutive
+    unreadable shards or records, or `timeout` seconds without an episode. Records that fail to decode are
+    skipped and counted (`self.skipped`, and a warning naming the record and its shard).
 
     Args:
         shards: the training split.
@@ -176,9 +304,13 @@ class TrainEpisodes(IterableDataset):
         shot: K.
         min_pixels: smallest target area of a usable pair.
         transform: `t(image, label, rng) -> (img [3,S,S], mask [S,S])`.
+        protocol: `pfenet` or `hsnet`.
+        exclude: classes whose presence drops a record (`data.filter_novel`: the novel classes).
         pool_size: support candidates kept per class.
-        shuffle_buffer: samples in the shuffle buffer.
-        seed, rank, world: the stream of (seed, epoch, rank, worker) is reproducible.
+        shuffle_buffer: items in the shuffle buffer.
+        seed: the run's seed.
+        rank, world: this process; default torch.distributed's when it is initialised, else 0 of 1.
+        timeout, max_failures: the stream's bounds.
     """
 
     def __init__(
@@ -188,175 +320,299 @@ class TrainEpisodes(IterableDataset):
         shot: int,
         min_pixels: int,
         transform,
+        *,
+        protocol: str = "pfenet",
+        exclude: Sequence[int] = (),
         pool_size: int = 32,
         shuffle_buffer: int = 256,
         seed: int = 0,
-        rank: int = 0,
-        world: int = 1,
+        rank: Optional[int] = None,
+        world: Optional[int] = None,
+        timeout: float = 60.0,
+        max_failures: int = 20,
     ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown episode protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
         if pool_size < shot:
             raise ValueError(f"data.support_pool ({pool_size}) must be >= data.shot ({shot})")
+        if rank is None or world is None:
+            rank, world = default_rank_world()
+        self.where = f"split {shards.split!r} at {shards.location}"
+        servable = servable_classes(shards, classes, shot, min_pixels)
+        if not servable:
+            raise StreamError(
+                f"{self.where}: no episode can be formed: no class of {sorted(classes)} has {shot + 1} images "
+                f"with >= {min_pixels} pixels"
+            )
+        self.shards = shards
         self.urls = list(shards.urls)
-        self.classes = {str(c): c for c in classes}
+        self.fold = set(int(c) for c in classes)
+        self.servable = set(servable)
+        self.exclude = {str(int(c)) for c in exclude}
         self.shot, self.min_pixels, self.transform = shot, min_pixels, transform
-        self.pool_size, self.shuffle_buffer = pool_size, shuffle_buffer
+        self.protocol, self.pool_size, self.shuffle_buffer = protocol, pool_size, shuffle_buffer
         self.seed, self.rank, self.world = seed, rank, world
+        self.timeout, self.max_failures = timeout, max_failures
         self.epoch = 0
+        self.start = 0  # episodes of this stream (all workers of this rank) to skip: set by EpisodeLoader
+        self.batch_size = 1
         self.skipped: Counter = Counter()  # in this process; across workers see EpisodeLoader.skipped_records
         self._unreported = 0
+        self._failures = 0
+        self._last = ""
+        self._progress = 0.0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _slot(self) -> tuple[int, int]:
+    # ------------------------------------------------------------------ this worker's place
+
+    def _role(self) -> tuple[int, int]:
+        """(role, workers): which worker's stream this process plays. A resumed loader rotates the roles so that
+        its first batch comes from the stream that would have given the next batch (PyTorch takes batches from
+        the workers in turn)."""
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return self.rank * workers + worker, self.world * workers
+        start_batches = self.start // self.batch_size
+        return (worker + start_batches) % workers, workers
 
-    def shard_urls(self) -> list[str]:
-        """This (rank, worker)'s shards: split by node, then by worker, when there are enough to go round."""
-        slot, slots = self._slot()
-        return self.urls[slot::slots] if len(self.urls) >= slots else self.urls
+    def _to_skip(self, role: int, workers: int) -> int:
+        """Episodes of role `role`'s stream that went into the first `start` episodes of this rank."""
+        batches = self.start // self.batch_size
+        return len(range(role, batches, workers)) * self.batch_size
+
+    def entropy(self, role: int) -> list[int]:
+        return [self.seed, self.epoch, self.rank, role]
+
+    # ------------------------------------------------------------------ the stream
 
     def _resampled(self, rng: random.Random) -> Iterator[dict]:
-        mine = self.shard_urls()
+        """webdataset's ResampledShards over *every* shard: no shard is over-weighted, whatever the split."""
         while True:
-            yield {"url": rng.choice(mine)}
+            yield {"url": rng.choice(self.urls)}
+
+    def _fail(self, kind: str, reason: object) -> None:
+        self.skipped[kind] += 1
+        self._unreported += 1
+        self._failures += 1
+        self._last = str(reason)
+        log.warning("skipped %s", reason)
+        if self._failures >= self.max_failures:
+            raise StreamError(
+                f"{self.where}: {self._failures} consecutive unreadable shards or records (last: {self._last})"
+            )
+
+    def _check_time(self) -> None:
+        if time.monotonic() - self._progress > self.timeout:
+            raise StreamError(
+                f"{self.where}: no episode for {self.timeout:.0f} s (data.stream_timeout)"
+                + (f"; last problem: {self._last}" if self._last else "")
+            )
 
     def _tar_error(self, exn: Exception) -> bool:
-        self._skip("tar", f"unreadable shard data: {exn}")
+        self._fail("tar", f"unreadable shard data: {exn}")
         return True
 
     def __iter__(self) -> Iterator[dict]:
-        slot, _ = self._slot()
-        seed = _seed(self.seed, self.epoch, slot)
-        rng = np.random.default_rng(seed)
-        shards = self._resampled(random.Random(_seed(seed, 1)))  # 1. resampled shards of this rank and worker
+        role, workers = self._role()
+        entropy = self.entropy(role)
+        self._unreported, self._failures, self._last, self._progress = 0, 0, "", time.monotonic()
+        skip = self._to_skip(role, workers)
+        shards = self._resampled(_py_random(entropy, _KEY_SHARDS))  # 1. resampled shards
         samples = wds.tarfile_to_samples(handler=self._tar_error)(shards)  # 2. tar -> raw samples
-        shuffle = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=random.Random(_seed(seed, 2)))
-        samples = shuffle(samples)  # 3. shuffle
-        yield from self._episodes(samples, rng)  # 4. pools -> episodes
+        items = self._items(samples, _rng(entropy, _KEY_CLASS), _rng(entropy, _KEY_POOL))  # 3.-5. pools, items
+        shuffle = wds.shuffle(
+            self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=_py_random(entropy, _KEY_SHUFFLE)
+        )
+        yield from self._episodes(shuffle(items), entropy, skip)  # 6. shuffle, 7. episodes
 
-    def _skip(self, kind: str, reason: object) -> None:
-        self.skipped[kind] += 1
-        self._unreported += 1
-        log.warning("skipped %s", reason)
-
-    def _episodes(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
-        pools: dict[int, list[dict]] = {}
-        self._unreported = 0
+    def _items(self, samples: Iterator[dict], draw: np.random.Generator, replace: np.random.Generator) -> Iterator:
+        """(sample, class) items of the qualifying records; every record with a usable class joins the pools."""
+        self._pools: dict[int, list[dict]] = {}
         for sample in samples:
+            self._check_time()
             name = f"record {sample.get('__key__')} of {sample.get('__url__')}"
-            try:  # the json header first: records with no usable base-class pair are never decoded
-                meta = json.loads(sample["json"])
-                usable = [
-                    self.classes[k]
-                    for k, n in sorted(meta["classes"].items())
-                    if k in self.classes and n >= self.min_pixels
-                ]
+            try:  # the json header only: images are decoded when an item becomes an episode
+                classes = json.loads(sample["json"])["classes"]
+                usable = _usable(classes, self.fold, self.min_pixels)
+                present = _present(classes, self.servable)
             except (KeyError, ValueError, AttributeError, TypeError) as exc:
-                self._skip("record", f"{name}: bad or missing json header ({exc})")
+                self._fail("record", f"{name}: bad or missing json header ({exc})")
                 continue
-            if not usable:
+            if not usable or self.exclude.intersection(classes):
                 continue
-            try:
-                image, label, _ = decode_record(sample, name)
-            except RecordError as exc:
-                self._skip("record", exc)
-                continue
-            for class_id in rng.permutation(usable):
-                class_id = int(class_id)
-                pool = pools.setdefault(class_id, [])
-                others = [s for s in pool if s["__key__"] != sample["__key__"]]
-                if len(others) >= self.shot:
-                    picks = rng.choice(len(others), size=self.shot, replace=False)
-                    episode = self._make(image, label, [others[p] for p in picks], class_id, sample["__key__"], rng)
-                    episode["skipped_records"], self._unreported = self._unreported, 0  # summed by EpisodeLoader
-                    yield episode
-                if all(s["__key__"] != sample["__key__"] for s in pool):
-                    raw = {k: sample[k] for k in ("__key__", "__url__", "jpg", "png", "json")}
-                    if len(pool) < self.pool_size:
-                        pool.append(raw)
-                    else:
-                        pool[int(rng.integers(len(pool)))] = raw
+            raw = {k: sample[k] for k in ("__key__", "__url__", "jpg", "png", "json") if k in sample}
+            for class_id in usable:  # 4. pools
+                pool = self._pools.setdefault(class_id, [])
+                if any(s["__key__"] == raw["__key__"] for s in pool):
+                    continue
+                if len(pool) < self.pool_size:
+                    pool.append(raw)
+                else:
+                    pool[int(replace.integers(len(pool)))] = raw
+            if self.protocol == "hsnet":  # 5. items: every usable pair
+                for class_id in usable:
+                    if class_id in self.servable:
+                        yield raw, class_id
+            elif present:  # pfenet: one class drawn among the base classes present
+                yield raw, present[int(draw.integers(len(present)))]
 
-    def _make(self, image, label, supports: list[dict], class_id: int, key: str, rng) -> dict:
+    def _episodes(self, items: Iterator, entropy: list[int], skip: int) -> Iterator[dict]:
+        n = 0  # items that reached this stage: the episode's spawn key
+        for raw, class_id in items:
+            self._check_time()
+            n += 1
+            others = [s for s in self._pools.get(class_id, []) if s["__key__"] != raw["__key__"]]
+            if len(others) < self.shot:
+                continue  # the class's pool is still filling
+            if skip > 0:  # resumed: this episode went into a step before the checkpoint
+                skip -= 1
+                self._progress = time.monotonic()
+                continue
+            rng = _rng(entropy, _KEY_EPISODE, n)
+            picks = rng.choice(len(others), size=self.shot, replace=False)
+            try:
+                episode = self._make(raw, [others[p] for p in picks], class_id, rng)
+            except RecordError as exc:
+                self._fail("record", exc)
+                continue
+            episode["skipped_records"], self._unreported = self._unreported, 0  # summed by EpisodeLoader
+            self._failures, self._last, self._progress = 0, "", time.monotonic()
+            yield episode
+
+    def _make(self, raw: dict, supports: list[dict], class_id: int, rng: np.random.Generator) -> dict:
+        image, label, _ = decode_record(raw)
         query = self.transform(image, binarize(label, class_id), rng)
         pairs = []
         for s in supports:
-            s_image, s_label, _ = decode_record(s)  # pools keep raw bytes; this record decoded fine on arrival
+            s_image, s_label, _ = decode_record(s)
             pairs.append(self.transform(s_image, binarize(s_label, class_id), rng))
         out = stack_episode(query, pairs, class_id)
-        out["query_key"] = key
+        out["query_key"] = raw["__key__"]
         out["support_keys"] = [s["__key__"] for s in supports]
         return out
 
 
-def usable_pairs(shards: ShardSet, classes: Sequence[int], min_pixels: int) -> int:
-    """Number of (image, class) pairs with the class covering at least `min_pixels` pixels."""
-    return sum(len(shards.usable(c, min_pixels)) for c in classes)
+# --------------------------------------------------------------------------- loaders
 
 
-# --------------------------------------------------------------------------- loaders from a config
+class EpisodeLoader(DataLoader):
+    """A DataLoader over a TrainEpisodes stream: `batches` batches an epoch (webdataset's `with_epoch`), resumable.
 
-
-class EpisodeLoader(wds.WebLoader):
-    """webdataset's WebLoader over a TrainEpisodes stream, `batches` batches an epoch (`with_epoch`).
-
-    `set_epoch(e)` before iterating gives epoch `e` its own reproducible draw. `skipped_records` counts the
+    `set_epoch(e, start=n)` before iterating gives epoch `e` its own reproducible draw and skips its first `n`
+    batches exactly as they were drawn (a resumed run continues where it stopped). `skipped_records` counts the
     records the stream skipped (unreadable, or a broken header) in every worker since the loader was made.
     """
 
-    def __init__(self, dataset: TrainEpisodes, batches: int, **loader_args) -> None:
-        super().__init__(dataset, **loader_args)
-        self.dataset, self.batches = dataset, batches
+    def __init__(self, dataset: TrainEpisodes, batches: int, batch_size: int, **loader_args) -> None:
+        super().__init__(dataset, batch_size=batch_size, **loader_args)
+        dataset.batch_size = batch_size
+        self.stream, self.batches = dataset, batches
+        self.start = 0
         self.skipped_records = 0
-        self.with_epoch(batches)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.batches:
+            raise ValueError(f"start batch {start} outside an epoch of {self.batches} batches")
+        self.stream.set_epoch(epoch)
+        self.start = start
+        self.stream.start = start * self.stream.batch_size
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in super().__iter__():
-            self.skipped_records += int(batch["skipped_records"].sum())
-            yield batch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
+        remaining = self.batches - self.start
+        if remaining > 0:
+            iterator = super().__iter__()
+            try:
+                for _ in range(remaining):
+                    batch = next(iterator)
+                    self.skipped_records += int(batch.pop("skipped_records").sum())
+                    yield batch
+            finally:
+                del iterator  # shuts the workers down
+        self.set_epoch(self.stream.epoch, 0)
 
     def __len__(self) -> int:
         return self.batches
 
 
-def train_loader(
-    cfg: Config, rank: int = 0, world: int = 1, batch_size: Optional[int] = None, shards: Optional[ShardSet] = None
-) -> EpisodeLoader:
-    """The training loader of a rank: a fixed number of batches per epoch (`with_epoch`).
+def _loader_threads(workers: int) -> None:
+    """One cv2 thread in loader workers: set before they fork (cv2.setNumThreads inside a forked worker can
+    hang, ENV.md); PyTorch already gives each worker one torch thread."""
+    if workers > 0:
+        cv2.setNumThreads(1)
 
-    Episodes per epoch (over all ranks) are `data.episodes_per_epoch`, or one per usable base-class
-    pair when 0; each rank yields ceil(episodes / (world * batch_size)) batches. Call
-    `loader.set_epoch(e)` before each epoch.
+
+def train_loader(
+    cfg: Config,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    rank: Optional[int] = None,
+    world: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    shards: Optional[ShardSet] = None,
+) -> EpisodeLoader:
+    """The training loader of a rank: a fixed number of batches per epoch.
+
+    Episodes per epoch (over all ranks) are `data.episodes_per_epoch`, or the qualifying training images (pfenet;
+    usable pairs for hsnet) when 0; each rank yields ceil(episodes / (world * batch_size)) batches. `mean` is the
+    backbone's, for the padding colour. Call `loader.set_epoch(e)` before each epoch.
     """
+    if rank is None or world is None:
+        rank, world = default_rank_world()
     batch_size = batch_size or cfg.train.batch_size
-    shards = shards or ShardSet(cfg.data.shards, cfg.data.train_split)
-    classes = base_classes(cfg.data.dataset, cfg.data.fold)
-    mean, std = normalization(cfg.model.backbone.name)
+    shards = shards or open_shards(cfg, cfg.data.train_split)
+    base = base_classes(cfg.data.dataset, cfg.data.fold)
+    exclude = novel_classes(cfg.data.dataset, cfg.data.fold) if cfg.data.filter_novel else ()
     dataset = TrainEpisodes(
         shards,
-        classes,
+        base,
         cfg.data.shot,
         cfg.data.min_pixels,
-        train_transform(cfg.data.augment, cfg.data.image_size, mean, std),
+        train_transform(cfg.data.augment, cfg.data.image_size, mean),
+        protocol=cfg.data.protocol,
+        exclude=exclude,
         pool_size=cfg.data.support_pool,
         shuffle_buffer=cfg.data.shuffle_buffer,
         seed=cfg.train.seed,
         rank=rank,
         world=world,
+        timeout=cfg.data.stream_timeout,
+        max_failures=cfg.data.stream_failures,
     )
-    episodes = cfg.data.episodes_per_epoch or usable_pairs(shards, classes, cfg.data.min_pixels)
-    if episodes == 0:
-        raise ValueError(
-            f"{shards.index_url}: no base-class pair of fold {cfg.data.fold} covers >= {cfg.data.min_pixels} pixels"
-        )
+    episodes = cfg.data.episodes_per_epoch or epoch_episodes(cfg, shards)
     batches = math.ceil(episodes / (world * batch_size))
-    return EpisodeLoader(dataset, batches, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
+    _loader_threads(cfg.data.num_workers)
+    return EpisodeLoader(dataset, batches, batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
+
+
+def epoch_episodes(cfg: Config, shards: ShardSet) -> int:
+    """Training episodes in a nominal epoch: qualifying images (pfenet) or usable pairs (hsnet)."""
+    base = base_classes(cfg.data.dataset, cfg.data.fold)
+    exclude = novel_classes(cfg.data.dataset, cfg.data.fold) if cfg.data.filter_novel else ()
+    images = qualifying_images(shards, base, cfg.data.min_pixels, exclude)
+    if cfg.data.protocol == "hsnet":
+        fold = set(base)
+        count = sum(len(_usable(shards.records[i]["classes"], fold, cfg.data.min_pixels)) for i in images)
+    else:
+        count = len(images)
+    if count == 0:
+        raise ValueError(
+            f"{shards.index_url}: no training image of fold {cfg.data.fold} has a base class with "
+            f">= {cfg.data.min_pixels} pixels"
+        )
+    return count
+
+
+def eval_list(cfg: Config, shards: ShardSet, seed: int, episodes: Optional[int] = None) -> list[Episode]:
+    """The fold's evaluation episode list (novel classes) for list `seed`, as the config describes it."""
+    return eval_episode_list(
+        shards,
+        novel_classes(cfg.data.dataset, cfg.data.fold),
+        cfg.data.shot,
+        cfg.data.eval_episodes if episodes is None else episodes,
+        seed,
+        cfg.data.min_pixels,
+        cfg.data.protocol,
+    )
 
 
 def eval_loader(
@@ -366,17 +622,36 @@ def eval_loader(
     world: int = 1,
     batch_size: int = 1,
     shards: Optional[ShardSet] = None,
+    episodes: Optional[int] = None,
 ) -> DataLoader:
-    """A rank's share of the fold's evaluation episodes for list `seed` (novel classes, SPEC §1)."""
-    shards = shards or ShardSet(cfg.data.shards, cfg.data.val_split)
-    episodes = eval_episode_list(
-        shards,
-        novel_classes(cfg.data.dataset, cfg.data.fold),
-        cfg.data.shot,
-        cfg.data.eval_episodes,
-        seed,
-        cfg.data.min_pixels,
-    )
-    mean, std = normalization(cfg.model.backbone.name)
-    dataset = EvalEpisodes(shards, episodes, cfg.data.image_size, mean, std, rank, world)
+    """A rank's share of the fold's evaluation episodes for list `seed` (novel classes, SPEC §1); `episodes`
+    overrides `data.eval_episodes` (validation takes a prefix of the list)."""
+    shards = shards or open_shards(cfg, cfg.data.val_split)
+    dataset = EvalEpisodes(shards, eval_list(cfg, shards, seed, episodes), cfg.data.image_size, rank, world)
+    _loader_threads(cfg.data.num_workers)
     return DataLoader(dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
+
+
+def bank_loader(
+    cfg: Config, rank: int = 0, world: int = 1, batch_size: int = 4, shards: Optional[ShardSet] = None
+) -> DataLoader:
+    """A rank's share of the training images holding a usable base class (CKMM's bank pass)."""
+    shards = shards or open_shards(cfg, cfg.data.train_split)
+    dataset = BankImages(
+        shards, base_classes(cfg.data.dataset, cfg.data.fold), cfg.data.min_pixels, cfg.data.image_size, rank, world
+    )
+    _loader_threads(cfg.data.num_workers)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
+
+
+def open_shards(cfg: Config, split: str) -> ShardSet:
+    """The ShardSet of `split` at `data.shards`, checked to hold `data.dataset`."""
+    return ShardSet(cfg.data.shards, split)
+
+
+def label_masks(label: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """Binary targets `[N, H, W]` uint8 (1 class, 0 other, 255 ignore) of one label `[H, W]` for each class."""
+    ids = torch.as_tensor(list(classes), dtype=label.dtype, device=label.device).view(-1, 1, 1)
+    out = (label.unsqueeze(0) == ids).to(torch.uint8)
+    out[(label == IGNORE).unsqueeze(0).expand_as(out)] = IGNORE
+    return out

@@ -1,8 +1,7 @@
-"""PFENet's train and eval transforms on (image, label) pairs: numpy/cv2, an explicit rng, tensors at the end."""
+"""PFENet's train and eval transforms on (image, label) pairs: numpy/cv2, an explicit rng, uint8 tensors at the end."""
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence
 
 import cv2
@@ -18,29 +17,24 @@ __all__ = [
     "IMAGENET_PIXEL",
     "IMAGENET_STD",
     "Compose",
-    "LongSideResize",
-    "PadToSquare",
     "RandCrop",
     "RandRotate",
     "RandScale",
     "RandomGaussianBlur",
     "RandomHorizontalFlip",
+    "TestResize",
     "ToTensor",
     "Transform",
     "check_size",
     "eval_transform",
     "mean_pixel",
-    "normalization",
+    "canvas_size",
     "train_transform",
 ]
-
-log = logging.getLogger(__name__)
 
 IGNORE = 255  # label value of pixels that are never scored
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-Triple = tuple[float, float, float]
 
 
 class Transform(Protocol):
@@ -68,30 +62,6 @@ def mean_pixel(mean: Sequence[float]) -> tuple[int, int, int]:
 
 
 IMAGENET_PIXEL = mean_pixel(IMAGENET_MEAN)  # (124, 116, 104), the default padding colour
-
-
-def normalization(backbone_name: str) -> tuple[Triple, Triple]:
-    """`(mean, std)` in 0..1 units from timm's pretrained cfg of `backbone_name` (tags like `resnet50.a1_in1k` too).
-
-    Reads the registered cfg only (the model is not built, nothing is downloaded); names timm does not know,
-    or cfgs without three-channel statistics, fall back to ImageNet's mean and std.
-    """
-    from timm.models import get_pretrained_cfg  # lazy: loader workers never need timm
-
-    try:
-        cfg = get_pretrained_cfg(backbone_name)
-    except RuntimeError:  # an unknown pretrained tag of a known architecture
-        cfg = None
-    mean, std = getattr(cfg, "mean", None), getattr(cfg, "std", None)
-    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
-        log.warning("no 3-channel pretrained mean/std for backbone %r in timm; using ImageNet's", backbone_name)
-        return IMAGENET_MEAN, IMAGENET_STD
-    return _triple(mean), _triple(std)
-
-
-def _triple(values: Sequence[float]) -> Triple:
-    a, b, c = (float(v) for v in values)
-    return a, b, c
 
 
 def _range(name: str, values: Sequence[float]) -> tuple[float, float]:
@@ -318,68 +288,70 @@ class RandCrop:
 # --------------------------------------------------------------------------- deterministic steps
 
 
-class LongSideResize:
-    """Scale so the longer side is `size`, keeping the aspect ratio: image bilinear, label nearest."""
+def canvas_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """PFENet's `find_new_hw`: the image size on the evaluation canvas.
 
-    def __init__(self, size: int) -> None:
-        self.size = int(size)
+    An image whose longer side exceeds `size` is scaled so that side equals `size` (the other side truncated),
+    then *both* sides are floored to a multiple of 8: 375x500 -> 352x472 at 473. A smaller image keeps its size.
+    """
+    if max(h, w) <= size:
+        return h, w
+    if h >= w:
+        new_h, new_w = size, int(w * (size * 1.0 / h))
+    else:
+        new_h, new_w = int(h * (size * 1.0 / w)), size
+    return new_h // 8 * 8, new_w // 8 * 8
+
+
+class TestResize:
+    """PFENet's `test_Resize`: the image top-left on a black `size x size` canvas, the label on a 255 canvas.
+
+    Image bilinear, label nearest (cv2.INTER_NEAREST, as PFENet), both to `canvas_size(h, w, size)`. The canvas is
+    black *before* normalisation, so the padding is `-mean/std` once the model normalises it.
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, size: int, ignore: int = IGNORE) -> None:
+        self.size = check_size(size)
+        self.ignore = int(ignore)
 
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: Optional[np.random.Generator] = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """`[H,W,3]`, `[H,W]` -> `[h,w,3]`, `[h,w]` with `max(h, w) = size`, `h / w ~ H / W`."""
-        h, w = _check_pair("LongSideResize", image, label)
-        ratio = self.size / max(h, w)
-        return _resize(image, label, max(1, round(h * ratio)), max(1, round(w * ratio)))
+        """`[H,W,3]` uint8, `[H,W]` uint8 -> `[S,S,3]` uint8, `[S,S]` uint8."""
+        h, w = _check_pair("TestResize", image, label)
+        new_h, new_w = canvas_size(h, w, self.size)
+        if (new_h, new_w) != (h, w):
+            image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+            label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+        canvas = np.zeros((self.size, self.size, 3), np.uint8)
+        canvas[:new_h, :new_w] = image
+        mask = np.full((self.size, self.size), self.ignore, np.uint8)
+        mask[:new_h, :new_w] = label
+        return canvas, mask
 
     def __repr__(self) -> str:
-        return f"LongSideResize(size={self.size})"
+        return f"TestResize(size={self.size}, ignore={self.ignore})"
 
 
 class ToTensor:
-    """Image to a normalised float32 tensor `(x / 255 - mean) / std`, label to int64; `mean`, `std` in 0..1 units."""
+    """Image `[H,W,3]` uint8 to a `[3,H,W]` uint8 tensor, label to `[H,W]` uint8.
 
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
-        self.mean, self.std = _triple(mean), _triple(std)
-        self._shift = (255.0 * np.asarray(self.mean, np.float32)).reshape(3, 1, 1)
-        self._scale = (1.0 / (255.0 * np.asarray(self.std, np.float32))).reshape(3, 1, 1)
+    Images stay uint8 across the loader's worker boundary (4x less than float32); the run normalises them on
+    the device with the backbone's own mean and std.
+    """
 
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: Optional[np.random.Generator] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[H,W,3]` uint8, `[H,W]` uint8 -> `[3,H,W]` float32, `[H,W]` int64."""
+        """`[H,W,3]` uint8, `[H,W]` uint8 -> `[3,H,W]` uint8, `[H,W]` uint8."""
         _check_pair("ToTensor", image, label)
-        x = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
-        x -= self._shift
-        x *= self._scale
-        return torch.from_numpy(x), torch.from_numpy(label.astype(np.int64))
+        x = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.uint8)
+        return torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8))
 
     def __repr__(self) -> str:
-        return f"ToTensor(mean={self.mean}, std={self.std})"
-
-
-class PadToSquare:
-    """Put a normalised image and its label top-left on a `size x size` canvas: image 0, label `ignore`."""
-
-    def __init__(self, size: int, ignore: int = IGNORE) -> None:
-        self.size = int(size)
-        self.ignore = int(ignore)
-
-    def __call__(
-        self, image: torch.Tensor, label: torch.Tensor, rng: Optional[np.random.Generator] = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[3,h,w]`, `[h,w]` with `h, w <= size` -> `[3,S,S]`, `[S,S]`."""
-        h, w = _check_pair("PadToSquare", image, label, channels_first=True)
-        if h > self.size or w > self.size:
-            raise ValueError(f"PadToSquare: image {h}x{w} does not fit a {self.size}x{self.size} canvas")
-        canvas = image.new_zeros((3, self.size, self.size))
-        canvas[:, :h, :w] = image
-        mask = label.new_full((self.size, self.size), self.ignore)
-        mask[:h, :w] = label
-        return canvas, mask
-
-    def __repr__(self) -> str:
-        return f"PadToSquare(size={self.size}, ignore={self.ignore})"
+        return "ToTensor()"
 
 
 class Compose:
@@ -401,13 +373,12 @@ class Compose:
 # --------------------------------------------------------------------------- pipelines
 
 
-def train_transform(
-    cfg: AugmentConfig, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> Compose:
+def train_transform(cfg: AugmentConfig, size: int, mean: Sequence[float] = IMAGENET_MEAN) -> Compose:
     """PFENet's training pipeline (SPEC §1 Transforms), called as `t(image, label, rng)`.
 
     RandScale -> RandRotate -> GaussianBlur 5x5 -> HFlip -> RandCrop -> ToTensor; image `[H,W,3]` uint8 and
-    label `[H,W]` (0/1/255) in, `[3,S,S]` float32 and `[S,S]` int64 out. Padding uses the mean pixel / 255.
+    label `[H,W]` (0/1/255) in, `[3,S,S]` uint8 and `[S,S]` uint8 out. Padding uses the mean pixel (`mean`, the
+    backbone's, in 0..1 units) and 255.
     """
     size = check_size(size)
     pad = mean_pixel(mean)
@@ -418,16 +389,15 @@ def train_transform(
             RandomGaussianBlur(radius=5, p=cfg.blur_p),
             RandomHorizontalFlip(p=cfg.flip_p),
             RandCrop(size, padding=pad, ignore=IGNORE, retries=cfg.crop_retries, keep=cfg.crop_keep),
-            ToTensor(mean, std),
+            ToTensor(),
         ]
     )
 
 
-def eval_transform(size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Compose:
-    """The evaluation input (SPEC §1 Transforms), called as `t(image, label)`.
+def eval_transform(size: int) -> Compose:
+    """The evaluation input (SPEC §1 Transforms, PFENet's `test_Resize`), called as `t(image, label)`.
 
-    Longer side scaled to `size`, then placed top-left on a `size x size` canvas: `[3,S,S]` float32 with 0 (after
-    normalisation) outside the image, `[S,S]` int64 with 255 there. The caller keeps the original-size label.
+    `[3,S,S]` uint8 with black outside the image and `[S,S]` uint8 with 255 there; the caller keeps the
+    original-size label for scoring.
     """
-    size = check_size(size)
-    return Compose([LongSideResize(size), ToTensor(mean, std), PadToSquare(size)])
+    return Compose([TestResize(size), ToTensor()])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -11,10 +10,9 @@ import torch
 from jc2a.config import Config, load_config, save_config
 
 
-def to_rgb(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """A normalised `[3,H,W]` tensor back to `uint8 [H,W,3]`."""
-    x = img.float().permute(1, 2, 0).numpy() * np.asarray(std) + np.asarray(mean)
-    return (np.clip(x, 0, 1) * 255).astype(np.uint8)
+def to_rgb(img: torch.Tensor) -> np.ndarray:
+    """A `[3,H,W]` uint8 tensor (as episodes carry images) to `uint8 [H,W,3]`."""
+    return np.ascontiguousarray(img.permute(1, 2, 0).numpy(), dtype=np.uint8)
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray, colour=(255, 220, 0), alpha: float = 0.5) -> np.ndarray:
@@ -31,7 +29,7 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, colour=(255, 220, 0), alpha: floa
     return out
 
 
-def save_episode_figure(episode: dict, path: Path, mean, std, class_names: dict[int, str], title: str = "") -> Path:
+def save_episode_figure(episode: dict, path: Path, class_names: dict[int, str], title: str = "") -> Path:
     """One row: the query with its mask, then each support with its mask; saved as a PNG."""
     import matplotlib
 
@@ -46,7 +44,7 @@ def save_episode_figure(episode: dict, path: Path, mean, std, class_names: dict[
         (f"support {k + 1}", episode["support_imgs"][k], episode["support_masks"][k], keys[k]) for k in range(shots)
     ]
     for ax, (name, img, mask, key) in zip(axes[0], panels):
-        ax.imshow(overlay(to_rgb(img, mean, std), mask.numpy()))
+        ax.imshow(overlay(to_rgb(img), mask.numpy()))
         ax.set_title(f"{name}\n{key}", fontsize=7)
         ax.axis("off")
     class_id = int(episode["class_id"])
@@ -67,21 +65,20 @@ def add_arguments(parser) -> None:
 
 def preview(cfg: Config, episodes: int, out: Path) -> list[Path]:
     """Save `episodes` training and `episodes` evaluation episodes of `cfg` as pictures in `out`."""
-    from jc2a.data.episodes import eval_loader, train_loader
-    from jc2a.data.locations import ShardSet
-    from jc2a.data.transforms import normalization
+    from jc2a.data.episodes import eval_loader, open_shards, train_loader
+    from jc2a.model.backbone import normalization
 
-    mean, std = normalization(cfg.model.backbone.name)
+    mean, _ = normalization(cfg.model.backbone.name)  # the padding colour of training crops
     written = []
-    train = ShardSet(cfg.data.shards, cfg.data.train_split)
-    loader = train_loader(cfg, batch_size=1, shards=train)
+    train = open_shards(cfg, cfg.data.train_split)
+    loader = train_loader(cfg, mean, batch_size=1, shards=train)
     for i, batch in zip(range(episodes), loader):
         ep = {k: v[0] for k, v in batch.items()}
-        written.append(save_episode_figure(ep, out / f"train-{i:03d}.png", mean, std, train.class_names, "train"))
-    val = ShardSet(cfg.data.shards, cfg.data.val_split)
+        written.append(save_episode_figure(ep, out / f"train-{i:03d}.png", train.class_names, "train"))
+    val = open_shards(cfg, cfg.data.val_split)
     for i, batch in zip(range(episodes), eval_loader(cfg, seed=cfg.data.eval_seeds[0], shards=val)):
         ep = {k: v[0] for k, v in batch.items()}
-        written.append(save_episode_figure(ep, out / f"eval-{i:03d}.png", mean, std, val.class_names, "eval"))
+        written.append(save_episode_figure(ep, out / f"eval-{i:03d}.png", val.class_names, "eval"))
     return written
 
 
