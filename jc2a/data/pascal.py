@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -16,8 +17,16 @@ VOC_CLASSES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 
-TRAIN_LIST = "ImageSets/SegmentationAug/train_aug.txt"
-VAL_LIST = "ImageSets/Segmentation/val.txt"
+# PFENet's PASCAL-5i lists, shipped with jc2a (jc2a/data/lists): the default of `jc2a shards pascal`.
+#   train_pfenet.txt: 5,953 ids, VOC 2012 train merged with SBD, duplicates removed (voc_sbd_merge_noduplicate.txt)
+#   val_pfenet.txt:   1,449 ids, VOC 2012 val (PFENet's val.txt)
+# For comparison, the SegmentationClassAug release's train_aug.txt holds 10,582 ids (HSNet trains on it).
+DEFAULT_LISTS = {"train": "train_pfenet.txt", "val": "val_pfenet.txt"}
+
+
+def default_list(split: str) -> Path:
+    """The shipped PFENet list of `split` ("train" or "val")."""
+    return Path(str(resources.files("jc2a.data").joinpath("lists", DEFAULT_LISTS[split])))
 
 
 def read_list(path: Path) -> list[str]:
@@ -58,7 +67,7 @@ class PascalSource:
     Args:
         root: the VOC folder holding `JPEGImages/` and `SegmentationClassAug/`.
         split: "train" or "val".
-        train_list, val_list: list files; default the `SegmentationClassAug` release's lists under `root`.
+        train_list, val_list: list files; default PFENet's lists shipped with jc2a (`default_list`).
     """
 
     def __init__(
@@ -70,7 +79,7 @@ class PascalSource:
                 raise FileNotFoundError(f"folder not found: {self.root / sub}")
         if split not in ("train", "val"):
             raise ValueError(f"PASCAL split must be 'train' or 'val', got {split!r}")
-        lists = split_ids(Path(train_list or self.root / TRAIN_LIST), Path(val_list or self.root / VAL_LIST))
+        lists = split_ids(Path(train_list or default_list("train")), Path(val_list or default_list("val")))
         self.ids = lists[split]
         self.class_names = {i: name for i, name in enumerate(VOC_CLASSES, start=1)}
 
