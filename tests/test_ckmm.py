@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -11,11 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from jc2a.model.ckmm import PrototypeBank, class_agnostic_map, weighted_gap
+from jc2a.model.ckmm import BANK_FORMAT, EMPTY_BANK, PrototypeBank, class_agnostic_map, weighted_gap
 from jc2a.model.prior import minmax_normalize, pfenet_prior
 
 REPO = Path(__file__).resolve().parents[1]
+FINGERPRINT = {"backbone": "resnet18", "weights": "ab12", "dataset": "coco20i", "fold": "0", "shards": "x"}
 
 
 def _feats() -> torch.Tensor:
@@ -71,41 +77,172 @@ def test_bank_keeps_float64_sums_under_half():
     assert bank.sums.dtype == torch.float64 and bank.sums[0, 0].item() == 70000.0 + 1 / 3
 
 
-def test_bank_save_load_round_trip(tmp_path):
-    meta = {"backbone": "resnet18", "dataset": "pascal5i", "fold": 1}
-    bank = PrototypeBank([1, 2, 3], dim=4, meta=meta)
-    bank.update(torch.rand(3, 4, 5, 5), torch.randint(0, 2, (3, 9, 9)), [1, 3, 3])
-    path = bank.save(tmp_path / "bank.pt", meta={"shards": "x"})
-    other = PrototypeBank([1, 2, 3], dim=4, meta=meta)
-    other.load(path)
+def _bank(classes=(1, 2, 3), dim: int = 4, seed: int = 0) -> PrototypeBank:
+    g = torch.Generator().manual_seed(seed)
+    bank = PrototypeBank(list(classes), dim=dim)
+    bank.update(torch.rand(3, dim, 5, 5, generator=g), torch.randint(0, 2, (3, 9, 9), generator=g), [1, 3, 3])
+    return bank
+
+
+def test_bank_save_load_round_trip_as_safetensors(tmp_path):
+    bank = _bank()
+    path = bank.save(tmp_path / "bank.safetensors", FINGERPRINT)
+    other = PrototypeBank([1, 2, 3], dim=4)
+    other.load(path, FINGERPRINT)
     assert torch.equal(other.sums, bank.sums) and torch.equal(other.counts, bank.counts)
-    assert torch.equal(other.prototypes(), bank.prototypes())
-    assert torch.load(path, weights_only=True)["meta"]["shards"] == "x"
-    assert not (tmp_path / "bank.pt.tmp").exists()
+    assert other.counts.tolist() == [1, 0, 2] and torch.equal(other.prototypes(), bank.prototypes())
+    with safe_open(str(path), framework="pt") as f:  # the file is plain safetensors
+        meta = f.metadata()
+        assert sorted(f.keys()) == ["class_ids", "counts", "sums"]
+        assert f.get_tensor("sums").dtype == torch.float64 and f.get_tensor("counts").dtype == torch.int64
+        assert f.get_tensor("class_ids").tolist() == [1, 2, 3]
+    assert meta["format"] == "jc2a-prototype-bank/2" == BANK_FORMAT and meta["dim"] == "4"
+    assert json.loads(meta["fingerprint"]) == FINGERPRINT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.safetensors"]  # no temporary left
+    fresh = PrototypeBank([1, 2, 3], dim=4)
+    fresh.load(path)  # no fingerprint asked: not checked
+    assert torch.equal(fresh.sums, bank.sums)
+
+
+def test_bank_save_replaces_atomically(tmp_path, monkeypatch):
+    path = _bank(seed=0).save(tmp_path / "bank.safetensors", FINGERPRINT)
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("jc2a.model.ckmm.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        _bank(seed=1).save(path, FINGERPRINT)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["bank.safetensors"]
+    with pytest.raises(TypeError, match="str to str"):
+        _bank().save(tmp_path / "b.safetensors", {"fold": 0})
 
 
 @pytest.mark.parametrize(
-    "classes, meta, field",
+    "key, theirs, ours",
     [
-        ([1, 2, 3], {"backbone": "resnet50", "dataset": "pascal5i", "fold": 1}, "backbone"),
-        ([1, 2, 3], {"backbone": "resnet18", "dataset": "pascal5i", "fold": 2}, "fold"),
-        ([1, 2, 3], {"backbone": "resnet18", "dataset": "coco20i", "fold": 1}, "dataset"),
-        ([1, 2, 4], {"backbone": "resnet18", "dataset": "pascal5i", "fold": 1}, "class_ids"),
+        ("weights", "ab12", "cd34"),
+        ("fold", "0", "1"),
+        ("shards", "x", None),  # a key the file has and this run does not
     ],
 )
-def test_bank_mismatch_refused_naming_file_and_field(tmp_path, classes, meta, field):
-    path = PrototypeBank([1, 2, 3], dim=4, meta={"backbone": "resnet18", "dataset": "pascal5i", "fold": 1}).save(
-        tmp_path / "bank.pt"
-    )
-    with pytest.raises(ValueError, match=rf"{path}.*{field}="):
-        PrototypeBank(classes, dim=4, meta=meta).load(path)
-    with pytest.raises(ValueError, match="dim="):
-        PrototypeBank([1, 2, 3], dim=8).load(path)
+def test_bank_fingerprint_mismatch_names_the_first_differing_key(tmp_path, key, theirs, ours):
+    path = _bank().save(tmp_path / "bank.safetensors", FINGERPRINT)
+    expected = {k: v for k, v in FINGERPRINT.items() if k != key}
+    if ours is not None:
+        expected[key] = ours
+    bank = PrototypeBank([1, 2, 3], dim=4)
+    with pytest.raises(ValueError) as info:
+        bank.load(path, expected)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert f"differs at {key!r}: the file has {theirs!r}, expected {ours!r}" in message
+    assert "rebuild it with `jc2a bank` or delete the file" in message
+    assert int(bank.counts.sum()) == 0  # nothing was read into the bank
+    extra = {**FINGERPRINT, "augment": "pfenet"}  # a key this run has and the file does not
+    with pytest.raises(ValueError, match="differs at 'augment': the file has None, expected 'pfenet'"):
+        bank.load(path, extra)
+
+
+@pytest.mark.parametrize(
+    "classes, dim, field",
+    [([1, 2, 4], 4, r"class_ids=\[1, 2, 3\], this model needs class_ids=\[1, 2, 4\]"), ([1, 2, 3], 8, "dim=4")],
+)
+def test_bank_for_other_classes_or_features_refused(tmp_path, classes, dim, field):
+    path = _bank().save(tmp_path / "bank.safetensors", FINGERPRINT)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: .*{field}"):
+        PrototypeBank(classes, dim=dim).load(path, FINGERPRINT)
+
+
+class _Marker:
+    """Unpickling this object creates a file: it shows whether a payload was unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.path,))
+
+
+def _bad_file(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.bank"
+    good = {"class_ids": torch.tensor([1, 2, 3]), "sums": torch.zeros(3, 4, dtype=torch.float64)}
+    good["counts"] = torch.zeros(3, dtype=torch.int64)
+    meta = {"format": BANK_FORMAT, "dim": "4", "fingerprint": json.dumps(FINGERPRINT)}
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random":
+        path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator()).numpy())
+    elif kind == "truncated":
+        save_file(good, str(path), metadata=meta)
+        path.write_bytes(path.read_bytes()[:-10])
+    elif kind == "no_format":
+        save_file(good, str(path), metadata={"dim": "4"})
+    elif kind == "old_format":
+        save_file(good, str(path), metadata={**meta, "format": "jc2a-prototype-bank/1"})
+    elif kind == "extra_tensor":
+        save_file({**good, "more": torch.zeros(1)}, str(path), metadata=meta)
+    elif kind == "float32_sums":
+        save_file({**good, "sums": torch.zeros(3, 4)}, str(path), metadata=meta)
+    elif kind == "wrong_shape":
+        save_file({**good, "sums": torch.zeros(3, 5, dtype=torch.float64)}, str(path), metadata=meta)
+    elif kind == "nan_sums":
+        save_file({**good, "sums": torch.full((3, 4), float("nan"), dtype=torch.float64)}, str(path), metadata=meta)
+    elif kind == "negative_counts":
+        save_file({**good, "counts": torch.tensor([1, -1, 0])}, str(path), metadata=meta)
+    elif kind == "no_fingerprint":
+        save_file(good, str(path), metadata={"format": BANK_FORMAT, "dim": "4"})
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("directory", "is a directory"),
+        ("empty", "empty file"),
+        ("random", "not a safetensors prototype bank"),
+        ("truncated", "not a safetensors prototype bank"),
+        ("no_format", "not a prototype bank .*format='jc2a-prototype-bank/2'"),
+        ("old_format", "not a prototype bank"),
+        ("extra_tensor", r"tensors are \['class_ids', 'counts', 'more', 'sums'\]"),
+        ("float32_sums", "sums is torch.float32, expected torch.float64"),
+        ("wrong_shape", r"sums \(3, 5\) and counts \(3,\) do not fit 3 classes of dim 4"),
+        ("nan_sums", "sums are not all finite"),
+        ("negative_counts", "negative counts"),
+        ("no_fingerprint", "no readable fingerprint"),
+    ],
+)
+def test_bank_file_that_is_not_a_bank_refused_in_one_line(tmp_path, kind, reason):
+    path = _bad_file(tmp_path, kind)
+    bank = PrototypeBank([1, 2, 3], dim=4)
+    with pytest.raises(ValueError) as info:
+        bank.load(path, FINGERPRINT)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message, message
+    assert re.search(reason, message), message
+    assert int(bank.counts.sum()) == 0 and not bool(bank.sums.any())
+
+
+def test_pickled_bank_is_never_unpickled(tmp_path):
+    marker = tmp_path / "unpickled"
+    payload = {"format": "jc2a-prototype-bank/1", "class_ids": [1, 2, 3], "dim": 4, "trap": _Marker(marker)}
+    path = tmp_path / "bank.pt"
+    torch.save(payload, path)
+    torch.load(path, weights_only=False)  # the trap is live: unpickling it creates the marker
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not a safetensors prototype bank"):
+        PrototypeBank([1, 2, 3], dim=4).load(path, FINGERPRINT)
+    assert not marker.exists()
 
 
 def test_bank_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        PrototypeBank([1], dim=2).load(tmp_path / "missing.pt")
+    path = tmp_path / "missing.safetensors"
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(path))}: prototype bank file not found"):
+        PrototypeBank([1], dim=2).load(path)
 
 
 def test_all_reduce_is_a_noop_without_distributed():
@@ -133,7 +270,7 @@ _WORKER = textwrap.dedent(
             bank.update(data["feats"][idx], data["masks"][idx], data["class_ids"][idx])
         bank.all_reduce()
         if rank == 0:
-            bank.save(out_path)
+            bank.save(out_path, {"ranks": "2"})
         dist.barrier()
         dist.destroy_process_group()
 
@@ -162,7 +299,7 @@ def test_all_reduce_over_two_gloo_processes_equals_one_process(tmp_path):
     torch.save(data, tmp_path / "data.pt")
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    out = tmp_path / "bank.pt"
+    out = tmp_path / "bank.safetensors"
     proc = subprocess.run(
         [sys.executable, str(script), str(_free_port()), str(tmp_path / "data.pt"), str(out)],
         cwd=REPO,
@@ -175,7 +312,7 @@ def test_all_reduce_over_two_gloo_processes_equals_one_process(tmp_path):
     single = PrototypeBank(classes, 16)
     single.update(data["feats"], data["masks"], data["class_ids"])
     reduced = PrototypeBank(classes, 16)
-    reduced.load(out)
+    reduced.load(out, {"ranks": "2"})
     assert reduced.counts.tolist() == single.counts.tolist() == [4, 4, 4, 4]
     assert torch.allclose(reduced.sums, single.sums, rtol=0, atol=1e-12)
     assert torch.allclose(reduced.prototypes(), single.prototypes(), rtol=0, atol=1e-6)
@@ -198,8 +335,13 @@ def test_probability_map_mean_vs_max():
 def test_probability_map_range_and_empty_bank():
     bank = PrototypeBank([1, 2, 3], dim=8)
     feat = torch.rand(2, 8, 6, 6)
-    empty = bank.probability_map(feat)
-    assert empty.shape == (2, 1, 6, 6) and torch.equal(empty, torch.zeros_like(empty))
+    with pytest.raises(RuntimeError) as info:  # an empty bank would feed the decoder zeros
+        bank.probability_map(feat)
+    expected = (
+        "CKMM is on but the prototype bank is empty: build it with `jc2a bank` (or `jc2a train`, which builds it) "
+        "or set model.ckmm.bank_file"
+    )
+    assert str(info.value) == EMPTY_BANK == expected
     bank.update(torch.rand(4, 8, 6, 6), torch.randint(0, 2, (4, 12, 12)), [1, 2, 2, 3])
     for reduce in ("mean", "max"):
         p = bank.probability_map(feat, reduce)
@@ -236,19 +378,21 @@ def test_build_model_reads_the_bank_file(tmp_path):
     from jc2a.config import load_config
     from jc2a.model import build_model
 
-    root = Path(__file__).resolve().parents[1]
-    bank_file = tmp_path / "bank.pt"
-    cfg = load_config(root / "configs/toy.yaml", [f"model.ckmm.bank_file={bank_file}"])
+    bank_file = tmp_path / "bank.safetensors"
+    cfg = load_config(REPO / "configs/toy.yaml", [f"model.ckmm.bank_file={bank_file}"])
     model = build_model(cfg)  # no file yet: an empty bank, to be built
     assert int(model.prototype_bank.counts.sum()) == 0
     feats = torch.rand(2, model.prototype_bank.dim, 5, 5)
-    masks = torch.ones(2, 5, 5, dtype=torch.long)
+    masks = torch.ones(2, 5, 5, dtype=torch.uint8)
     classes = model.prototype_bank.class_ids[:2]
     model.prototype_bank.update(feats, masks, classes)
-    model.prototype_bank.save(bank_file)
-    again = build_model(cfg)
+    model.prototype_bank.save(bank_file, FINGERPRINT)
+    again = build_model(cfg)  # the fingerprint is the run's to check...
     assert torch.equal(again.prototype_bank.sums, model.prototype_bank.sums)
     assert again.prototype_bank.counts.tolist() == model.prototype_bank.counts.tolist()
-    other_fold = load_config(root / "configs/toy.yaml", [f"model.ckmm.bank_file={bank_file}", "data.fold=1"])
-    with pytest.raises(ValueError, match=r"bank\.pt: prototype bank was built with class_ids="):
+    assert build_model(cfg, bank_fingerprint=FINGERPRINT).prototype_bank.counts.tolist()[:2] == [1, 1]
+    with pytest.raises(ValueError, match="differs at 'fold'"):  # ... or build_model's when given
+        build_model(cfg, bank_fingerprint={**FINGERPRINT, "fold": "1"})
+    other_fold = load_config(REPO / "configs/toy.yaml", [f"model.ckmm.bank_file={bank_file}", "data.fold=1"])
+    with pytest.raises(ValueError, match=r"bank\.safetensors: prototype bank was built with class_ids="):
         build_model(other_fold)

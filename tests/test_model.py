@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from jc2a.config import load_config
-from jc2a.model import JC2A, JC2AOutput, build_model
+from jc2a.model import JC2A, JC2AMaps, JC2AOutput, build_model
+from jc2a.model.ckmm import EMPTY_BANK
 from jc2a.model.hpam import HPAM
 from jc2a.model.jc2a import pyramid_bins, pyramid_blocks
 from jc2a.model.summary import TABLE3, explain, format_table, summarize
@@ -33,9 +34,23 @@ def _episode(b: int = 2, k: int = 1, size: int = 129, seed: int = 0):
     return q, s, m, qm
 
 
-def _model(*overrides: str, seed: int = 0) -> JC2A:
+def _model(*overrides: str, seed: int = 0, fill: bool = True) -> JC2A:
+    """The toy model; with `fill`, its CKMM bank holds random prototypes of four classes (an empty one refuses)."""
     torch.manual_seed(seed)
-    return build_model(load_config(TOY, overrides))
+    model = build_model(load_config(TOY, overrides))
+    if fill:
+        _fill_bank_cheaply(model)
+    return model
+
+
+def _fill_bank_cheaply(model: JC2A, seed: int = 7) -> None:
+    """Random layer4-like features into the bank, without running the backbone."""
+    if model.prototype_bank is None:
+        return
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.rand(4, model.prototype_bank.dim, 17, 17, generator=g)
+    masks = torch.randint(0, 2, (4, 17, 17), generator=g)
+    model.prototype_bank.update(feats, masks, model.prototype_bank.class_ids[:4])
 
 
 def _fill_bank(model: JC2A, seed: int = 1) -> None:
@@ -64,7 +79,6 @@ def test_builder_wires_the_config():
     bank = model.prototype_bank
     assert bank.class_ids.tolist() == [c for c in range(1, 81) if c % 4 != 1]  # COCO fold 0 base classes
     assert bank.dim == model.backbone.channels[-1] == 512
-    assert bank.meta == {"backbone": "resnet18", "dataset": "coco20i", "fold": 0}
     assert {"prototype_bank.sums", "prototype_bank.counts", "prototype_bank.class_ids"} <= set(model.state_dict())
     baseline = _model("model.hpam.p2p=false", "model.hpam.p2b=false", "model.ckmm.enabled=false")
     assert baseline.hpam is None and baseline.prototype_bank is None
@@ -140,9 +154,22 @@ def test_five_shot_is_the_mean_of_one_shot_softmaxes():
     assert spread > 1e-4  # the shots do differ, well beyond the tolerance
 
 
-def test_empty_support_mask_and_empty_bank_are_finite():
+def test_empty_bank_refuses_to_run():
+    model = _model(fill=False).eval()
+    assert int(model.prototype_bank.counts.sum()) == 0
+    q, s, m, _ = _episode(1, 1)
+    for mode in (model.eval, model.train):
+        mode()
+        with pytest.raises(RuntimeError) as info:
+            model(q, s, m)
+        assert str(info.value) == EMPTY_BANK
+    off = _model("model.ckmm.enabled=false", fill=False).eval()  # without CKMM there is no bank to fill
+    with torch.no_grad():
+        assert off(q, s, m).shape == (1, 2, 129, 129)
+
+
+def test_empty_support_mask_is_finite():
     model = _model().eval()
-    assert int(model.prototype_bank.counts.sum()) == 0  # empty bank
     q, s, m, _ = _episode(2, 2)
     m[0] = 0  # no target at all
     m[1, 0] = 255  # everything ignored
@@ -155,13 +182,15 @@ def test_empty_support_mask_and_empty_bank_are_finite():
 
 
 def test_bank_changes_the_prediction():
-    model = _model().eval()
+    model = _model(fill=False).eval()
     q, s, m, _ = _episode(1, 1)
     with torch.no_grad():
-        before = model(q, s, m)
         feats = model.extract_bank_features(q)
         assert feats.shape == (1, 512, 17, 17)
-        _fill_bank(model)
+        _fill_bank(model, seed=1)
+        before = model(q, s, m)
+        model.prototype_bank.reset()
+        _fill_bank(model, seed=2)
         after = model(q, s, m)
     assert not torch.allclose(before, after)
 
@@ -207,6 +236,7 @@ def test_every_ablation_config_builds_and_runs(path):
     cfg = load_config([TOY, path])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
+    _fill_bank_cheaply(model)
     assert (model.hpam is not None) == (cfg.model.hpam.p2p or cfg.model.hpam.p2b)
     assert (model.prototype_bank is not None) == cfg.model.ckmm.enabled
     q, s, m, _ = _episode(1, 1)
@@ -289,3 +319,141 @@ def test_hpam_gets_the_support_masked_before_pooling():
     coarse = len(model.bins) - 1  # pooling then masking would differ there
     wrong = F.adaptive_avg_pool2d(f_s, model.bins[coarse]) * F.adaptive_avg_pool2d(mask, model.bins[coarse])
     assert not torch.allclose(seen[coarse][1], wrong)
+
+
+def test_uint8_inputs_are_normalised_by_the_backbone():
+    model = _model().eval()
+    g = torch.Generator().manual_seed(4)
+    q = torch.randint(0, 256, (2, 3, 129, 129), dtype=torch.uint8, generator=g)
+    s = torch.randint(0, 256, (2, 2, 3, 129, 129), dtype=torch.uint8, generator=g)
+    _, _, m, qm = _episode(2, 2)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # resnet18's timm statistics
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    with torch.no_grad():
+        from_uint8 = model(q, s, m.to(torch.uint8))  # masks as uint8 too
+        from_float = model((q / 255 - mean) / std, (s / 255 - mean) / std, m)  # float: taken as normalised
+    torch.testing.assert_close(from_uint8, from_float, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(from_uint8, model(q.float(), s.float(), m))  # raw 0..255 floats are not normalised
+    assert model.loss(from_uint8, qm.to(torch.uint8)) == model.loss(from_uint8, qm)
+    with pytest.raises(ValueError, match="uint8 .* or float"):
+        model(q.long(), s, m)
+    bank_u8 = model.extract_bank_features(q)
+    torch.testing.assert_close(bank_u8, model.extract_bank_features((q / 255 - mean) / std), rtol=1e-5, atol=1e-5)
+
+
+def _pfenet_literal(model: JC2A, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """PFENet's `forward` (PFENet/model/PFENet.py), its prior lines copied: `[B, K, ...]` -> prior `[B, 1, h, w]`."""
+    net = model.backbone.features  # a timm ResNet: layer0 is conv1, bn1, act1, maxpool
+    layer0 = torch.nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool)
+    cosine_eps = 1e-7
+    with torch.no_grad():
+        query_feat_3 = net.layer3(net.layer2(net.layer1(layer0(query))))
+        query_feat_4 = net.layer4(query_feat_3)
+        final_supp_list, mask_list = [], []
+        for i in range(supports.shape[1]):
+            mask = (masks[:, i, :, :] == 1).float().unsqueeze(1)
+            mask_list.append(mask)
+            supp_feat_3 = net.layer3(net.layer2(net.layer1(layer0(supports[:, i, :, :, :]))))
+            mask = F.interpolate(
+                mask, size=(supp_feat_3.size(2), supp_feat_3.size(3)), mode="bilinear", align_corners=True
+            )
+            supp_feat_4 = net.layer4(supp_feat_3 * mask)
+            final_supp_list.append(supp_feat_4)
+        corr_query_mask_list = []
+        for i, tmp_supp_feat in enumerate(final_supp_list):
+            resize_size = tmp_supp_feat.size(2)
+            tmp_mask = F.interpolate(mask_list[i], size=(resize_size, resize_size), mode="bilinear", align_corners=True)
+            tmp_supp_feat_4 = tmp_supp_feat * tmp_mask
+            q = query_feat_4
+            s = tmp_supp_feat_4
+            bsize, ch_sz, sp_sz, _ = q.size()[:]
+            tmp_query = q.contiguous().view(bsize, ch_sz, -1)
+            tmp_query_norm = torch.norm(tmp_query, 2, 1, True)
+            tmp_supp = s.contiguous().view(bsize, ch_sz, -1).contiguous().permute(0, 2, 1)
+            tmp_supp_norm = torch.norm(tmp_supp, 2, 2, True)
+            similarity = torch.bmm(tmp_supp, tmp_query) / (torch.bmm(tmp_supp_norm, tmp_query_norm) + cosine_eps)
+            similarity = similarity.max(1)[0].view(bsize, sp_sz * sp_sz)
+            similarity = (similarity - similarity.min(1)[0].unsqueeze(1)) / (
+                similarity.max(1)[0].unsqueeze(1) - similarity.min(1)[0].unsqueeze(1) + cosine_eps
+            )
+            corr_query = similarity.view(bsize, 1, sp_sz, sp_sz)
+            corr_query = F.interpolate(
+                corr_query, size=(query_feat_3.size()[2], query_feat_3.size()[3]), mode="bilinear", align_corners=True
+            )
+            corr_query_mask_list.append(corr_query)
+        return torch.cat(corr_query_mask_list, 1).mean(1).unsqueeze(1)
+
+
+@pytest.mark.parametrize("shots", [1, 2])
+def test_pfenet_prior_is_pfenets(shots):
+    torch.manual_seed(0)
+    model = build_model(load_config([TOY, REPO / "configs" / "ablation" / "table5_pfenet.yaml"])).eval()
+    assert model.use_pfenet_prior and model.backbone.name == "resnet18"
+    with torch.no_grad():  # timm zero-inits each block's last BN gamma: layer4 would be pointwise, masking moot
+        for module in model.backbone.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+    q, s, m, _ = _episode(2, shots, seed=5)
+    m[0, 0, 20:40, 70:110] = 1  # an irregular target, not aligned with the feature grid
+    with torch.no_grad():
+        out = model(q, s, m, return_maps=True)
+    expected = _pfenet_literal(model, q, s, m)
+    assert out.maps["prior"].shape == expected.shape == (2, 1, 17, 17)
+    torch.testing.assert_close(out.maps["prior"], expected, rtol=1e-5, atol=1e-5)
+    # what the support's layer4 would give unmasked before layer4 (the mask applied after it only) differs
+    from jc2a.model.prior import pfenet_prior
+
+    with torch.no_grad():
+        q4 = model.backbone(q)[3].repeat_interleave(shots, dim=0)
+        s4 = model.backbone(s.flatten(0, 1))[3]
+        late = pfenet_prior(q4, s4, (m.flatten(0, 1) == 1).float().unsqueeze(1))
+    assert (late.view(2, shots, 1, 17, 17).mean(1) - expected).abs().max() > 1e-2
+
+
+def test_supports_layer4_runs_only_for_the_prior():
+    calls: list[int] = []
+    for overrides, expected in (((), [2]), (("model.pfenet_prior=true",), [2, 6])):
+        model = _model(*overrides).eval()
+        calls.clear()
+        model.backbone.features.layer4.register_forward_hook(lambda mod, inp, out: calls.append(out.shape[0]))
+        q, s, m, _ = _episode(2, 3)
+        with torch.no_grad():
+            model(q, s, m)
+        assert calls == expected, overrides  # the query's layer4 (B = 2), and the B*K = 6 supports' for the prior
+
+
+def test_prior_refused_for_a_backbone_that_cannot_run_layer4_apart():
+    with pytest.raises(ValueError, match="efficientnet_b0"):
+        _model("model.backbone.name=efficientnet_b0", "model.pfenet_prior=true", fill=False)
+    model = _model("model.backbone.name=efficientnet_b0", "model.hpam.p2b=false").eval()  # without the prior it runs
+    q, s, m, _ = _episode(1, 2)
+    with torch.no_grad():
+        assert model(q, s, m).shape == (1, 2, 129, 129)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_return_maps(train):
+    model = _model("model.pfenet_prior=true", "model.backbone.frozen=true").train(train)  # BatchNorm as the bank's
+    q, s, m, _ = _episode(2, 3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model(q, s, m, return_maps=True)
+        torch.manual_seed(0)
+        plain = model(q, s, m)
+    assert isinstance(out, JC2AMaps) and set(out.maps) == {"ckmm", "prior", "foreground"}
+    assert out.maps["ckmm"].shape == out.maps["prior"].shape == (2, 1, 17, 17)
+    assert out.maps["foreground"].shape == (2, 129, 129)
+    assert len(out.aux_logits) == 4
+    logits = plain.logits if train else plain
+    assert isinstance(plain, JC2AOutput) if train else isinstance(plain, torch.Tensor)
+    torch.testing.assert_close(out.logits, logits, rtol=0, atol=0)  # the same computation
+    torch.testing.assert_close(out.maps["foreground"], out.logits.softmax(dim=1)[:, 1])
+    with torch.no_grad():  # Eq. 13 on the query's layer4: one map per query, whatever K
+        expected = model.prototype_bank.probability_map(model.extract_bank_features(q))
+    torch.testing.assert_close(out.maps["ckmm"], expected, rtol=1e-5, atol=1e-5)
+    assert float(out.maps["ckmm"].amin()) == 0.0 and float(out.maps["ckmm"].amax()) == pytest.approx(1.0, abs=1e-5)
+    if train:
+        assert model.loss(out, _episode(2, 3)[3]) == model.loss(plain, _episode(2, 3)[3])
+    off = _model("model.ckmm.enabled=false").eval()
+    with torch.no_grad():
+        assert set(off(q, s, m, return_maps=True).maps) == {"foreground"}

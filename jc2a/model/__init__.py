@@ -2,6 +2,15 @@
 
 from jc2a.model.backbone import Backbone, create_backbone, normalization
 from jc2a.model.ckmm import PrototypeBank
-from jc2a.model.jc2a import JC2A, JC2AOutput, build_model
+from jc2a.model.jc2a import JC2A, JC2AMaps, JC2AOutput, build_model
 
-__all__ = ["JC2A", "Backbone", "JC2AOutput", "PrototypeBank", "build_model", "create_backbone", "normalization"]
+__all__ = [
+    "JC2A",
+    "Backbone",
+    "JC2AMaps",
+    "JC2AOutput",
+    "PrototypeBank",
+    "build_model",
+    "create_backbone",
+    "normalization",
+]

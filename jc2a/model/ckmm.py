@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from jc2a.model.prior import COSINE_EPS, minmax_normalize, resize_mask
 
-__all__ = ["BANK_FORMAT", "REDUCTIONS", "PrototypeBank", "class_agnostic_map", "weighted_gap"]
+__all__ = ["BANK_FORMAT", "EMPTY_BANK", "REDUCTIONS", "PrototypeBank", "class_agnostic_map", "weighted_gap"]
 
-BANK_FORMAT = "jc2a-prototype-bank/1"
+BANK_FORMAT = "jc2a-prototype-bank/2"  # safetensors; /1 was a torch.save pickle, no longer read
 REDUCTIONS = ("mean", "max")
+EMPTY_BANK = (
+    "CKMM is on but the prototype bank is empty: build it with `jc2a bank` (or `jc2a train`, which builds it) "
+    "or set model.ckmm.bank_file"
+)
 
 
 def weighted_gap(feat: Tensor, mask: Tensor, eps: float = 5e-4) -> Tensor:
@@ -72,21 +79,19 @@ class PrototypeBank(nn.Module):
     Buffers: `class_ids [N]` (the fold's base classes, contiguous ids), `sums [N, D]` (float64) and
     `counts [N]` (int64). Built in one pass over the base training data, each rank on its share, then
     `all_reduce()`: the sums and counts add up exactly, so the prototypes do not depend on the number of
-    ranks. The sums stay float64 when the network is cast to half precision.
+    ranks. The sums stay float64 when the network is cast to half precision. A bank file is safetensors
+    (never a pickle) and carries a fingerprint of what the bank was built from (backbone weights, data...).
     """
 
-    def __init__(self, class_ids: Sequence[int], dim: int, *, meta: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(self, class_ids: Sequence[int], dim: int) -> None:
         """Args:
         class_ids: the base classes of the fold, contiguous ids; row i of the bank is `class_ids[i]`.
         dim: channels D of the feature the prototypes are taken from (the backbone's layer4).
-        meta: what the bank depends on besides the classes (e.g. backbone, dataset, fold); a bank file is
-            only loaded when its meta agrees on every key given here.
         """
         super().__init__()
         if len(set(class_ids)) != len(class_ids):
             raise ValueError(f"prototype bank class ids must be distinct, got {list(class_ids)}")
         self.dim = int(dim)
-        self.meta: dict[str, Any] = dict(meta or {})
         self.register_buffer("class_ids", torch.tensor(list(class_ids), dtype=torch.long))
         self.register_buffer("sums", torch.zeros(len(class_ids), dim, dtype=torch.float64))
         self.register_buffer("counts", torch.zeros(len(class_ids), dtype=torch.long))
@@ -118,7 +123,7 @@ class PrototypeBank(nn.Module):
 
         Args:
             feats: high-level features `[B, D, h, w]`.
-            masks: binary targets `[B, H, W]`: 1 target, 0 background, 255 ignore (counted as not target).
+            masks: binary targets `[B, H, W]` (uint8 or int64): 1 target, 0 background, 255 ignore (not target).
             class_ids: `[B]` class of each target (tensor or list); classes not in the bank are skipped.
 
         Returns:
@@ -140,7 +145,7 @@ class PrototypeBank(nn.Module):
         return int(onehot.any(dim=1).sum())
 
     def all_reduce(self) -> None:
-        """Sum `sums` and `counts` over all ranks (a no-op unless torch.distributed is initialised)."""
+        """Sum `sums` (float64) and `counts` (int64) over all ranks (a no-op without torch.distributed)."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
             dist.all_reduce(self.counts, op=dist.ReduceOp.SUM)
@@ -150,52 +155,125 @@ class PrototypeBank(nn.Module):
         return (self.sums / self.counts.clamp_min(1).to(self.sums.dtype)[:, None]).float()
 
     def probability_map(self, feat_q: Tensor, reduce: str = "mean") -> Tensor:
-        """`P_ag` `[B, 1, h, w]` in [0, 1] for a query layer4 feature `[B, D, h, w]` (Eq. 13)."""
+        """`P_ag` `[B, 1, h, w]` in [0, 1] for a query layer4 feature `[B, D, h, w]` (Eq. 13).
+
+        Raises:
+            RuntimeError: the bank is empty (no class seen): CKMM would feed the decoder nothing but zeros.
+        """
+        if not bool(self.seen.any()):
+            raise RuntimeError(EMPTY_BANK)
         return class_agnostic_map(feat_q, self.prototypes(), self.seen, reduce)
 
     # ------------------------------------------------------------------ files
 
-    def save(self, path: Union[str, os.PathLike], meta: Optional[Mapping[str, Any]] = None) -> Path:
-        """Write the bank (class ids, sums, counts, meta) to `path` atomically; `meta` adds to the bank's own."""
+    def save(self, path: Union[str, os.PathLike], fingerprint: Mapping[str, str]) -> Path:
+        """Write the bank to `path` as safetensors, atomically (a temporary name, then `os.replace`).
+
+        Tensors `class_ids` (int64), `sums` (float64), `counts` (int64); string metadata `format`
+        (`BANK_FORMAT`), `dim`, and `fingerprint` (JSON of a str -> str dict: what the bank was built from).
+        """
+        bad = {k: v for k, v in fingerprint.items() if not isinstance(k, str) or not isinstance(v, str)}
+        if bad:
+            raise TypeError(f"a bank fingerprint maps str to str; not so: {bad!r}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
-            "format": BANK_FORMAT,
-            "class_ids": self.class_ids.tolist(),
-            "dim": self.dim,
-            "sums": self.sums.detach().cpu(),
-            "counts": self.counts.detach().cpu(),
-            "meta": {**self.meta, **dict(meta or {})},
+        tensors = {
+            "class_ids": self.class_ids.detach().cpu().contiguous(),
+            "sums": self.sums.detach().cpu().double().contiguous(),
+            "counts": self.counts.detach().cpu().contiguous(),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        metadata = {"format": BANK_FORMAT, "dim": str(self.dim), "fingerprint": json.dumps(dict(fingerprint))}
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file(tensors, os.fspath(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
-    def load(self, path: Union[str, os.PathLike]) -> None:
-        """Read a bank written by `save`, refusing one built for other classes, features or meta.
+    def load(self, path: Union[str, os.PathLike], fingerprint: Optional[Mapping[str, str]] = None) -> None:
+        """Read a bank written by `save` into this one, refusing anything else with one line starting with the path.
+
+        Only safetensors is read: nothing in the file is ever unpickled or executed.
+
+        Args:
+            path: the bank file.
+            fingerprint: when given, the file's fingerprint must equal it, key for key.
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: the file is not a bank, or a field (`class_ids`, `dim`, or a key of this bank's meta
-                such as `backbone`, `dataset`, `fold`) differs; the message names the file and the field.
+            ValueError: a directory, an empty file, not a safetensors bank of `BANK_FORMAT`, other class ids or
+                dim, wrong tensors (names, dtypes, shapes), non-finite sums or negative counts, or a fingerprint
+                that differs (the first differing key is named, with both values).
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"prototype bank file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != BANK_FORMAT:
-            raise ValueError(f"{path}: not a prototype bank file (expected format {BANK_FORMAT!r})")
-        mine = {"class_ids": self.class_ids.tolist(), "dim": self.dim}
-        theirs = {"class_ids": state["class_ids"], "dim": state["dim"]}
-        for key, value in self.meta.items():
-            mine[key] = value
-            theirs[key] = state["meta"].get(key)
-        for key, value in mine.items():
-            if theirs[key] != value:
-                raise ValueError(
-                    f"{path}: prototype bank was built with {key}={theirs[key]!r}, this model needs {key}={value!r}; "
-                    f"delete the file or point model.ckmm.bank_file elsewhere to rebuild it"
-                )
-        self.sums.copy_(state["sums"].to(self.sums))
-        self.counts.copy_(state["counts"].to(self.counts))
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: prototype bank file not found")
+        if path.is_dir():
+            raise ValueError(f"{path}: is a directory, not a prototype bank file")
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path}: empty file, not a prototype bank")
+        names = ("class_ids", "sums", "counts")
+        try:
+            with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+                metadata, keys = f.metadata() or {}, set(f.keys())
+                if metadata.get("format") == BANK_FORMAT and keys == set(names):
+                    tensors = {name: f.get_tensor(name) for name in names}
+        except SafetensorError as exc:  # a pickle, random bytes, a truncated file: refused before anything is read
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"{path}: not a safetensors prototype bank ({reason})") from None
+        if metadata.get("format") != BANK_FORMAT:
+            raise ValueError(f"{path}: not a prototype bank (no safetensors metadata format={BANK_FORMAT!r})")
+        if keys != set(names):
+            raise ValueError(f"{path}: prototype bank tensors are {sorted(keys)}, expected {sorted(names)}")
+        self._check(path, metadata, tensors)
+        if fingerprint is not None:
+            _check_fingerprint(path, metadata.get("fingerprint"), fingerprint)
+        self.sums.copy_(tensors["sums"].to(self.sums))
+        self.counts.copy_(tensors["counts"].to(self.counts))
+
+    def _check(self, path: Path, metadata: Mapping[str, str], tensors: Mapping[str, Tensor]) -> None:
+        """Refuse a bank file whose tensors or metadata do not fit this bank (see `load`)."""
+        expected = {"class_ids": torch.int64, "sums": torch.float64, "counts": torch.int64}
+        for name, dtype in expected.items():
+            if tensors[name].dtype != dtype:
+                raise ValueError(f"{path}: prototype bank tensor {name} is {tensors[name].dtype}, expected {dtype}")
+        if metadata.get("dim") != str(self.dim):
+            raise ValueError(
+                f"{path}: prototype bank was built with dim={metadata.get('dim')}, this model needs dim={self.dim}; "
+                f"rebuild it with `jc2a bank` or delete the file"
+            )
+        n = len(self.class_ids)
+        ids, sums, counts = tensors["class_ids"], tensors["sums"], tensors["counts"]
+        if ids.tolist() != self.class_ids.tolist():
+            raise ValueError(
+                f"{path}: prototype bank was built with class_ids={ids.tolist()}, this model needs "
+                f"class_ids={self.class_ids.tolist()}; rebuild it with `jc2a bank` or delete the file"
+            )
+        if tuple(sums.shape) != (n, self.dim) or tuple(counts.shape) != (n,):
+            raise ValueError(
+                f"{path}: prototype bank sums {tuple(sums.shape)} and counts {tuple(counts.shape)} do not fit "
+                f"{n} classes of dim {self.dim}"
+            )
+        if not bool(torch.isfinite(sums).all()):
+            raise ValueError(f"{path}: prototype bank sums are not all finite")
+        if bool((counts < 0).any()):
+            raise ValueError(f"{path}: prototype bank has negative counts")
+
+
+def _check_fingerprint(path: Path, stored: Optional[str], expected: Mapping[str, str]) -> None:
+    """Refuse a bank whose fingerprint differs from `expected`, naming the first differing key and both values."""
+    try:
+        theirs = json.loads(stored) if stored is not None else None
+    except json.JSONDecodeError:
+        theirs = None
+    if not isinstance(theirs, dict):
+        raise ValueError(
+            f"{path}: prototype bank has no readable fingerprint; rebuild it with `jc2a bank` or delete the file"
+        )
+    for key in [*expected, *sorted(k for k in theirs if k not in expected)]:
+        if theirs.get(key) != expected.get(key):
+            raise ValueError(
+                f"{path}: prototype bank fingerprint differs at {key!r}: the file has {theirs.get(key)!r}, "
+                f"expected {expected.get(key)!r}; rebuild it with `jc2a bank` or delete the file"
+            )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from jc2a.model.decoder import MIA_OPS, FeatureEnrichment, aggregate, aggregate_
 from jc2a.model.hpam import HPAM
 from jc2a.model.prior import pfenet_prior, resize_mask
 
-__all__ = ["IGNORE_INDEX", "JC2A", "JC2AOutput", "build_model", "pyramid_bins", "pyramid_blocks"]
+__all__ = ["IGNORE_INDEX", "JC2A", "JC2AMaps", "JC2AOutput", "build_model", "pyramid_bins", "pyramid_blocks"]
 
 IGNORE_INDEX = 255
 REFERENCE_FEATURE = 60  # layer4 side for a 473 input, the size `model.bins` are written for
@@ -29,6 +29,14 @@ class JC2AOutput(NamedTuple):
 
     logits: Tensor  # [B, 2, H, W]; for K > 1 the log of the mean of the K one-shot softmaxes
     aux_logits: tuple[Tensor, ...]  # one [B, 2, b_l, b_l] per bin, finest first, fused over K the same way
+
+
+class JC2AMaps(NamedTuple):
+    """What `JC2A.forward(..., return_maps=True)` returns, in train and eval mode alike."""
+
+    logits: Tensor  # [B, 2, H, W], as JC2AOutput.logits
+    aux_logits: tuple[Tensor, ...]  # as JC2AOutput.aux_logits
+    maps: dict[str, Tensor]  # "ckmm" P_ag [B, 1, h, w] (Eq. 13), "prior" [B, 1, h, w], "foreground" [B, H, W]
 
 
 def pyramid_bins(bins: Sequence[int], image_size: int) -> list[int]:
@@ -125,6 +133,11 @@ class JC2A(nn.Module):
         c2, c3, c4 = backbone.channels[1:]
         if prototype_bank is not None and prototype_bank.dim != c4:
             raise ValueError(f"prototype bank has dim {prototype_bank.dim}, the backbone's layer4 has {c4} channels")
+        if pfenet_prior and not backbone.can_split:
+            raise ValueError(
+                f"PFENet's prior needs the backbone's last stage run on a masked layer3; backbone "
+                f"{backbone.name!r} cannot run it apart (only timm FeatureListNet-style models such as ResNets can)"
+            )
         self.bins = [int(b) for b in bins]
         self.feat_dim = feat_dim
         self.ckmm_reduce = ckmm_reduce
@@ -150,21 +163,41 @@ class JC2A(nn.Module):
 
     # ------------------------------------------------------------------ features
 
-    def _features(self, img: Tensor, down: nn.Module) -> tuple[Tensor, Tensor]:
-        """`[N, 3, H, W]` -> (reduced mid-level `[N, C, h, w]`, layer4 `[N, D, h, w]`)."""
-        _, layer2, layer3, layer4 = self.backbone(img)
-        return down(torch.cat([layer3, layer2], dim=1)), layer4
+    def _normalize(self, img: Tensor) -> Tensor:
+        """uint8 images (0..255) through the backbone's `normalize`; float images are taken as normalised."""
+        if img.dtype == torch.uint8:
+            return self.backbone.normalize(img)
+        if not img.is_floating_point():
+            raise ValueError(f"images must be uint8 (0..255) or float (already normalised), got {img.dtype}")
+        return img
+
+    def _support_features(self, img: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Supports `[N, 3, H, W]` and masks `[N, H, W]` -> (reduced mid-level `[N, C, h, w]`, target mask
+        `[N, 1, h, w]` float, layer4 `[N, D, h, w]` as PFENet's prior takes it, or None when the prior is off).
+
+        The supports' layer4 feeds nothing but the prior (CKMM reads the query's): without it, it is not computed.
+        """
+        if self.backbone.can_split:
+            _, layer2, layer3 = self.backbone.forward_to_layer3(img)
+        else:
+            _, layer2, layer3, _ = self.backbone(img)
+        mask = resize_mask((masks == 1).unsqueeze(1), tuple(layer3.shape[-2:]))  # [N, 1, h, w]
+        layer4 = None
+        if self.use_pfenet_prior:  # PFENet: supp_feat_4 = layer4(supp_feat_3 * mask)
+            layer4 = self.backbone.forward_layer4(layer3 * mask.to(layer3.dtype))
+        return self.down_supp(torch.cat([layer3, layer2], dim=1)), mask, layer4
 
     @torch.no_grad()
     def extract_bank_features(self, img: Tensor) -> Tensor:
         """The feature CKMM's prototypes are taken from: layer4 `[B, D, h, w]` of images `[B, 3, H, W]`.
 
-        Runs the backbone in eval mode (a trainable backbone's BatchNorm statistics are left untouched).
+        Images are uint8 (normalised by the backbone) or float (already normalised). Runs the backbone in eval
+        mode (a trainable backbone's BatchNorm statistics are left untouched).
         """
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            return self.backbone(img)[3]
+            return self.backbone(self._normalize(img))[3]
         finally:
             self.backbone.train(was_training)
 
@@ -172,7 +205,8 @@ class JC2A(nn.Module):
     def update_bank(self, img: Tensor, mask: Tensor, class_id: Tensor) -> int:
         """Add a batch of (image `[B, 3, H, W]`, mask `[B, H, W]` 0/1/255, class `[B]`) to the bank (Eq. 11).
 
-        Returns the number of instances added. Call `prototype_bank.all_reduce()` once every rank is done.
+        Images as `forward` takes them; masks uint8 or int64. Returns the number of instances added. Call
+        `prototype_bank.all_reduce()` once every rank is done.
         """
         if self.prototype_bank is None:
             raise RuntimeError("this model has no prototype bank (model.ckmm.enabled is false)")
@@ -180,31 +214,42 @@ class JC2A(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor) -> Union[Tensor, JC2AOutput]:
+    def forward(
+        self, query_img: Tensor, support_imgs: Tensor, support_masks: Tensor, return_maps: bool = False
+    ) -> Union[Tensor, JC2AOutput, JC2AMaps]:
         """Segment the query with K supports.
 
         Args:
-            query_img: `[B, 3, H, W]`.
-            support_imgs: `[B, K, 3, H_s, W_s]`.
-            support_masks: `[B, K, H_s, W_s]`, 1 target, 0 background, 255 ignore (not target).
+            query_img: `[B, 3, H, W]`, uint8 (0..255, normalised here with the backbone's mean and std, on the
+                images' device) or float (taken as already normalised).
+            support_imgs: `[B, K, 3, H_s, W_s]`, uint8 or float as `query_img`.
+            support_masks: `[B, K, H_s, W_s]` uint8 or int64: 1 target, 0 background, 255 ignore (not target).
+            return_maps: also return the intermediate maps (for figures), in train and eval mode.
 
         Returns:
             Eval mode: logits `[B, 2, H, W]` (K > 1: `log` of the mean of the K one-shot softmaxes).
             Train mode: `JC2AOutput(logits, aux_logits)` for `loss`.
+            With `return_maps`: `JC2AMaps(logits, aux_logits, maps)`, `maps` holding `"ckmm"` (CKMM on: P_ag
+            `[B, 1, h, w]` at the feature size, Eq. 13, one per query), `"prior"` (prior on: PFENet's prior
+            `[B, 1, h, w]`, the mean over the K supports) and `"foreground"` (`[B, H, W]` fp32, the softmax of
+            the logits' foreground channel).
+
+        Raises:
+            RuntimeError: CKMM is on and its prototype bank is empty.
         """
         shots = support_imgs.shape[1]
         # 1. features; the query is shared by the K one-shot paths, which run as one batch of B*K
-        f_q, q4 = self._features(query_img, self.down_query)  # [B, C, h, w], [B, D, h, w]
-        f_s, s4 = self._features(support_imgs.flatten(0, 1), self.down_supp)  # [B*K, ...]
-        mask = resize_mask((support_masks.flatten(0, 1) == 1).unsqueeze(1), tuple(f_s.shape[-2:]))  # [B*K, 1, h, w]
+        _, q2, q3, q4 = self.backbone(self._normalize(query_img))  # q4 [B, D, h, w]: CKMM and the prior
+        f_q = self.down_query(torch.cat([q3, q2], dim=1))  # [B, C, h, w]
+        supports = self._normalize(support_imgs.flatten(0, 1))
+        f_s, mask, s4 = self._support_features(supports, support_masks.flatten(0, 1))  # [B*K, ...]
         prototype = weighted_gap(f_s, mask).to(f_s.dtype)[..., None, None]  # Eq. 11, [B*K, C, 1, 1]
         size = tuple(f_q.shape[-2:])
 
         # 2. class-agnostic map (Eq. 13) per query, PFENet's prior per (query, support) pair
-        p_ag = None
-        if self.prototype_bank is not None:
-            p_ag = self.prototype_bank.probability_map(q4, self.ckmm_reduce).repeat_interleave(shots, dim=0)
-        prior = pfenet_prior(q4.repeat_interleave(shots, dim=0), s4, mask) if self.use_pfenet_prior else None
+        p_ag_q = self.prototype_bank.probability_map(q4, self.ckmm_reduce) if self.prototype_bank is not None else None
+        p_ag = None if p_ag_q is None else p_ag_q.repeat_interleave(shots, dim=0)
+        prior = pfenet_prior(q4.repeat_interleave(shots, dim=0), s4, mask) if s4 is not None else None
         f_q = f_q.repeat_interleave(shots, dim=0)
 
         # 3. per bin: [f_q, prototype, MIA(P_aw, P_ag) (Eq. 14), prior]
@@ -226,23 +271,31 @@ class JC2A(nn.Module):
         logits, aux = self.decoder(inputs, size)
         logits = F.interpolate(logits, size=query_img.shape[-2:], mode="bilinear", align_corners=True)
         logits = _log_mean_softmax(logits, shots)
-        if not self.training:
+        if not (self.training or return_maps):
             return logits
-        return JC2AOutput(logits, tuple(_log_mean_softmax(a, shots) for a in aux))
+        aux_logits = tuple(_log_mean_softmax(a, shots) for a in aux)
+        if not return_maps:
+            return JC2AOutput(logits, aux_logits)
+        maps = {"foreground": logits.float().softmax(dim=1)[:, 1]}
+        if p_ag_q is not None:
+            maps["ckmm"] = p_ag_q
+        if prior is not None:
+            maps["prior"] = prior.view(-1, shots, *prior.shape[1:]).mean(dim=1)
+        return JC2AMaps(logits, aux_logits, maps)
 
     # ------------------------------------------------------------------ loss
 
-    def loss(self, output: Union[Tensor, JC2AOutput], query_mask: Tensor) -> Tensor:
+    def loss(self, output: Union[Tensor, JC2AOutput, JC2AMaps], query_mask: Tensor) -> Tensor:
         """CE (ignore 255) on the final logits + `aux_weight` x mean CE of the per-bin outputs.
 
         Args:
             output: what `forward` returned (a bare logits tensor has no auxiliary term).
-            query_mask: `[B, H, W]`, 1 target, 0 background, 255 ignore.
+            query_mask: `[B, H, W]` uint8 or int64, 1 target, 0 background, 255 ignore.
 
         Returns:
             A scalar. For K > 1 the logits are log-probabilities, so the CE is the NLL of the fused prediction.
         """
-        logits, aux = (output.logits, output.aux_logits) if isinstance(output, JC2AOutput) else (output, ())
+        logits, aux = (output, ()) if isinstance(output, Tensor) else (output.logits, output.aux_logits)
         target = query_mask.long()
         main = _cross_entropy(logits, target)
         if not aux or self.aux_weight == 0:
@@ -258,13 +311,14 @@ def _resize(x: Optional[Tensor], b: int) -> Optional[Tensor]:
     return F.interpolate(x, size=(b, b), mode="bilinear", align_corners=True)
 
 
-def build_model(cfg: Config) -> JC2A:
+def build_model(cfg: Config, bank_fingerprint: Optional[Mapping[str, str]] = None) -> JC2A:
     """Build JC2A from a resolved config: `cfg.model` for the network, `cfg.data` for the bins and the bank.
 
     The bins are scaled to `cfg.data.image_size`; the prototype bank (CKMM) holds the base classes of
     `cfg.data.dataset` / `cfg.data.fold`. It is read from `cfg.model.ckmm.bank_file` when that file exists
-    (refused if built for another backbone, dataset or fold), and starts empty otherwise: fill it with
-    `update_bank` (then `prototype_bank.all_reduce()`) and save it there for the next run.
+    (refused if built for other classes or features, or, when `bank_fingerprint` is given, for another
+    fingerprint: see `PrototypeBank.load`), and starts empty otherwise: fill it with `update_bank` (then
+    `prototype_bank.all_reduce()`) and save it there for the next run. A model with an empty bank refuses to run.
     """
     mc = cfg.model
     backbone = create_backbone(
@@ -287,10 +341,9 @@ def build_model(cfg: Config) -> JC2A:
         )
     bank = None
     if mc.ckmm.enabled:
-        meta = {"backbone": mc.backbone.name, "dataset": cfg.data.dataset, "fold": cfg.data.fold}
-        bank = PrototypeBank(base_classes(cfg.data.dataset, cfg.data.fold), backbone.channels[-1], meta=meta)
-        if mc.ckmm.bank_file and Path(mc.ckmm.bank_file).is_file():
-            bank.load(mc.ckmm.bank_file)
+        bank = PrototypeBank(base_classes(cfg.data.dataset, cfg.data.fold), backbone.channels[-1])
+        if mc.ckmm.bank_file and Path(mc.ckmm.bank_file).exists():
+            bank.load(mc.ckmm.bank_file, bank_fingerprint)
     return JC2A(
         backbone,
         bins,

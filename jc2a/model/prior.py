@@ -35,7 +35,8 @@ def pfenet_prior(feat_q: Tensor, feat_s: Tensor, mask_s: Tensor) -> Tensor:
 
     Args:
         feat_q: query high-level feature (layer4) `[B, D, h, w]`.
-        feat_s: support high-level feature (layer4) `[B, D, h, w]`, unmasked.
+        feat_s: support high-level feature `[B, D, h, w]`; PFENet's is `layer4(layer3 * M_s)` (the backbone's last
+            stage run on the masked layer3, `JC2A` does so), masked here a second time.
         mask_s: support target mask `[B, 1, H, W]`, float in [0, 1], any size (resized to the feature).
 
     Returns:
