@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -142,6 +144,7 @@ class TrainConfig:
     tracking: str = "mlflow"  # mlflow | none
     experiment: str = ""  # MLflow experiment; "" = the dataset name
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-identical resumes on CPU
+    trace_ranks: bool = False  # each rank writes its query keys and a parameter digest per step to <run>/trace/
 
 
 @dataclass
@@ -230,11 +233,66 @@ def _suggest(name: str, names: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _ranges(cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (value, rule) for every numeric field; a rule is a predicate with a `__doc__` naming it."""
+
+    def rule(test: Any, text: str) -> Any:
+        test.__doc__ = text
+        return test
+
+    positive = rule(lambda v: v > 0, "> 0")
+    count = rule(lambda v: v >= 1, ">= 1")
+    non_negative = rule(lambda v: v >= 0, ">= 0")
+    probability = rule(lambda v: 0 <= v <= 1, "in [0, 1]")
+    d, a, m, t = cfg.data, cfg.data.augment, cfg.model, cfg.train
+    return {
+        "data.fold": (d.fold, rule(lambda v: 0 <= v <= 3, "0..3")),
+        "data.shot": (d.shot, count),
+        "data.image_size": (d.image_size, positive),
+        "data.min_pixels": (d.min_pixels, count),
+        "data.episodes_per_epoch": (d.episodes_per_epoch, non_negative),
+        "data.eval_episodes": (d.eval_episodes, count),
+        "data.support_pool": (d.support_pool, rule(lambda v: v >= max(1, d.shot), ">= data.shot")),
+        "data.shuffle_buffer": (d.shuffle_buffer, count),
+        "data.num_workers": (d.num_workers, non_negative),
+        "data.stream_timeout": (d.stream_timeout, positive),
+        "data.stream_failures": (d.stream_failures, count),
+        "data.remote_timeout": (d.remote_timeout, positive),
+        "data.remote_retries": (d.remote_retries, non_negative),
+        "data.augment.rotate_p": (a.rotate_p, probability),
+        "data.augment.blur_p": (a.blur_p, probability),
+        "data.augment.flip_p": (a.flip_p, probability),
+        "data.augment.crop_retries": (a.crop_retries, count),
+        "data.augment.crop_keep": (a.crop_keep, probability),
+        "model.feat_dim": (m.feat_dim, count),
+        "model.dropout": (m.dropout, probability),
+        "model.aux_weight": (m.aux_weight, non_negative),
+        "train.seed": (t.seed, non_negative),
+        "train.epochs": (t.epochs, count),
+        "train.batch_size": (t.batch_size, count),
+        "train.lr": (t.lr, positive),
+        "train.momentum": (t.momentum, rule(lambda v: 0 <= v < 1, "in [0, 1)")),
+        "train.weight_decay": (t.weight_decay, non_negative),
+        "train.power": (t.power, positive),
+        "train.max_steps": (t.max_steps, non_negative),
+        "train.grad_accum": (t.grad_accum, count),
+        "train.clip_grad": (t.clip_grad, non_negative),
+        "train.save_every": (t.save_every, non_negative),
+        "train.keep_checkpoints": (t.keep_checkpoints, count),
+        "train.val_every": (t.val_every, non_negative),
+        "train.val_episodes": (t.val_episodes, count),
+        "train.log_every": (t.log_every, count),
+    }
+
+
 def _check(cfg: Config, sources: dict[str, str]) -> None:
     """Cross-field rules that a type alone cannot express; errors name where the offending key was set."""
 
     def source(*keys: str) -> str:
         return next((sources[k] for k in keys if k in sources), "defaults")
+
+    def fail(key: str, text: str, *also: str) -> None:
+        raise ConfigError(f"{source(key, *also)}: key '{key}' {text}")
 
     choices = {
         "data.dataset": (cfg.data.dataset, {"coco20i", "pascal5i"}),
@@ -248,45 +306,100 @@ def _check(cfg: Config, sources: dict[str, str]) -> None:
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"{source(key)}: key '{key}' must be one of {sorted(allowed)}, got {value!r}")
-    if not 0 <= cfg.data.fold <= 3:
-        raise ConfigError(f"{source('data.fold')}: key 'data.fold' must be 0..3, got {cfg.data.fold}")
-    if cfg.data.shot < 1:
-        raise ConfigError(f"{source('data.shot')}: key 'data.shot' must be >= 1, got {cfg.data.shot}")
+            fail(key, f"must be one of {sorted(allowed)}, got {value!r}")
+    for key, (value, rule) in _ranges(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value) or not rule(value):
+            fail(key, f"must be {rule.__doc__}, got {value!r}", *(("data.shot",) if key == "data.support_pool" else ()))
     if (cfg.data.image_size - 1) % 8 != 0:
-        raise ConfigError(
-            f"{source('data.image_size')}: key 'data.image_size' must satisfy (size - 1) % 8 == 0 (473, 641, 129...), "
-            f"got {cfg.data.image_size}"
-        )
-    nbins = len(cfg.model.bins)
+        fail("data.image_size", f"must satisfy (size - 1) % 8 == 0 (473, 641, 129...), got {cfg.data.image_size}")
+    for key in ("data.train_split", "data.val_split"):
+        value = getattr(cfg.data, key.split(".")[1])
+        if not re.fullmatch(r"[A-Za-z0-9_]+", value):
+            fail(key, f"must be a plain name of letters, digits and '_', got {value!r}")
+    if not cfg.data.shards:
+        fail("data.shards", "must name a folder, URL or pattern, got ''")
+    if not cfg.data.eval_seeds:
+        fail("data.eval_seeds", "must list at least one seed")
+    if any(seed < 0 for seed in cfg.data.eval_seeds):
+        fail("data.eval_seeds", f"must hold seeds >= 0, got {cfg.data.eval_seeds}")
+    scale, rotate = cfg.data.augment.scale, cfg.data.augment.rotate
+    if len(scale) != 2 or not all(math.isfinite(v) and v > 0 for v in scale) or scale[0] > scale[1]:
+        fail("data.augment.scale", f"must be [low, high] with 0 < low <= high, got {scale}")
+    if len(rotate) != 2 or not all(math.isfinite(v) for v in rotate) or rotate[0] > rotate[1]:
+        fail("data.augment.rotate", f"must be [low, high] degrees with low <= high, got {rotate}")
+    bins = cfg.model.bins
+    if not bins or not all(b > 0 for b in bins):
+        fail("model.bins", f"must list positive bin sizes, got {bins}")
     for key in ("topk", "block"):
-        if len(getattr(cfg.model.hpam, key)) != nbins:
-            raise ConfigError(
-                f"{source(f'model.hpam.{key}', 'model.bins')}: key 'model.hpam.{key}' needs one value per bin "
-                f"({nbins}, model.bins), got {getattr(cfg.model.hpam, key)}"
+        values = getattr(cfg.model.hpam, key)
+        if len(values) != len(bins):
+            fail(
+                f"model.hpam.{key}",
+                f"needs one value per bin ({len(bins)}, model.bins), got {values}",
+                "model.bins",
             )
+        if not all(v > 0 for v in values):
+            fail(f"model.hpam.{key}", f"must hold positive values, got {values}")
+    if not cfg.model.backbone.name:
+        fail("model.backbone.name", "must name a timm model, got ''")
 
 
 # --------------------------------------------------------------------------- loading
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only, no Python objects) that also refuses duplicate and non-string keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges are allowed
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is not a string", key_node.start_mark)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first on line {seen[key]})", key_node.start_mark
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """Plain data from YAML text; ConfigError naming `where` and the line on a syntax error, a duplicate or
+    non-string key, or a tag that asks for a Python object."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: plain data only
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        at = f" line {line + 1}:" if line is not None else ""
+        raise ConfigError(f"{where}:{at} is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
     """The layers of a YAML file, its `_base_` files first; each layer with the file it came from."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: '_base_' cycle through {' -> '.join(map(str, seen))}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" line {line + 1}" if line is not None else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    data = _load_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b.strip() for b in bases):
+        raise ConfigError(f"{path}: key '_base_' must be a path or a list of paths, got {bases!r}")
     layers: list[tuple[dict, str]] = []
     for base in bases:
         layers += _read_yaml(path.parent / base, seen + (path.resolve(),))
@@ -298,9 +411,13 @@ def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"command line: override '{text}' is not of the form key=value")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"command line: override '{text}' has no key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+        value = _load_yaml(raw, "command line") if raw != "" else ""
+    except ConfigError:
+        if re.search(r"^\s*[\[{!]", raw):  # meant as structured YAML: say why it is not
+            raise ConfigError(f"command line: override '{text}': the value is not valid YAML") from None
         value = raw
     return key.strip(), value
 

@@ -126,8 +126,9 @@ def test_bad_images_are_skipped_and_named(toy_coco, tmp_path):
     assert len(index["skipped"]) == 3
 
 
-def _shards_cli(images: Path, annotations: Path, out: Path) -> int:
-    return main(["shards", "coco", "--images", str(images), "--annotations", str(annotations), "--out", str(out)])
+def _shards_cli(images: Path, annotations: Path, out: Path, extra: tuple = ()) -> int:
+    args = ["shards", "coco", "--images", str(images), "--annotations", str(annotations), "--out", str(out)]
+    return main(args + list(extra))
 
 
 def test_missing_inputs_are_named(toy_coco, tmp_path, capsys):
@@ -228,7 +229,8 @@ def test_pascal_shards(tmp_path):
     # PFENet-style pair lines, a duplicate and a val image in the train list are all handled
     lines = [f"JPEGImages/{i}.jpg SegmentationClassAug/{i}.png" for i in train_list.read_text().split()]
     train_list.write_text("\n".join(lines + lines[:3] + [val_ids[0]]) + "\n")
-    assert main(["shards", "pascal", "--root", str(root), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    lists = ["--train-list", str(train_list), "--val-list", str(root / "ImageSets/Segmentation/val.txt")]
+    assert main(["shards", "pascal", "--root", str(root), "--out", str(tmp_path / "out"), "--no-progress"] + lists) == 0
     train = json.loads((tmp_path / "out/train-index.json").read_text())
     val = json.loads((tmp_path / "out/val-index.json").read_text())
     assert len(train["records"]) == 30 and len(val["records"]) == 12
@@ -257,7 +259,8 @@ def test_pascal_label_of_another_size_is_skipped_and_named(tmp_path):
     label_path = root / "SegmentationClassAug" / f"{victim}.png"
     with Image.open(label_path) as im:
         im.resize((im.width + 5, im.height), Image.NEAREST).save(label_path)
-    source = PascalSource(root, "val")
+    lists = (root / "ImageSets/SegmentationAug/train_aug.txt", root / "ImageSets/Segmentation/val.txt")
+    source = PascalSource(root, "val", *lists)
     summary = write_shards(source, tmp_path / "out", "val", "pascal", source.class_names, progress=False)
     assert summary.records == 5 and len(summary.skipped) == 1
     reason = summary.skipped[0]["reason"]
@@ -289,3 +292,156 @@ def test_rasterize_hand_built_overlaps_crowds_and_gaps():
     expected[2:4, 2:4] = 80  # toothbrush (small, COCO id 90 -> 80) stays visible on top
     np.testing.assert_array_equal(label, expected)
     assert (COCO_CONTIGUOUS[1], COCO_CONTIGUOUS[13], COCO_CONTIGUOUS[90], len(COCO_CONTIGUOUS)) == (1, 12, 80, 80)
+
+
+# --------------------------------------------------------------------------- killed and damaged writes
+
+
+def _damage_truncate_at_record(path: Path) -> None:
+    entries = read_shard_entries(path, 0)
+    cut = entries[len(entries) // 2]["offsets"]["json"][0] - 512  # the header of a record's first member
+    path.write_bytes(path.read_bytes()[:cut])
+
+
+def _damage_truncate_in_member(path: Path) -> None:
+    entries = read_shard_entries(path, 0)
+    offset, size = entries[len(entries) // 2]["offsets"]["jpg"]
+    path.write_bytes(path.read_bytes()[: offset + size // 2])
+
+
+def _damage_alter_jpg(path: Path) -> None:
+    offset, size = read_shard_entries(path, 0)[1]["offsets"]["jpg"]
+    data = bytearray(path.read_bytes())
+    data[offset + size // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _damage_alter_header(path: Path) -> None:
+    offset, size = read_shard_entries(path, 0)[1]["offsets"]["json"]
+    data = bytearray(path.read_bytes())
+    member = bytes(data[offset : offset + size])
+    meta = json.loads(member)
+    first = next(iter(meta["classes"]))
+    meta["classes"][first] += 1 if meta["classes"][first] % 10 != 9 else -1  # same length in bytes
+    altered = json.dumps(meta, sort_keys=True).encode()
+    assert len(altered) == size
+    data[offset : offset + size] = altered
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "truncated-at-record": _damage_truncate_at_record,
+    "truncated-in-member": _damage_truncate_in_member,
+    "altered-jpg": _damage_alter_jpg,
+    "altered-header": _damage_alter_header,
+}
+
+
+# A flipped bit inside JPEG data may still decode: without an index only the size/sha256 of one could tell.
+DAMAGE_CASES = [(d, True) for d in sorted(DAMAGES)] + [(d, False) for d in sorted(DAMAGES) if d != "altered-jpg"]
+
+
+@pytest.mark.parametrize(
+    "damage,with_index", DAMAGE_CASES, ids=[f"{d}-{'index' if i else 'no-index'}" for d, i in DAMAGE_CASES]
+)
+def test_damaged_kept_shard_is_rewritten(toy_coco, coco_shards, tmp_path, damage, with_index):
+    """A kept shard that was cut or altered is detected (index size/sha256, or a full read) and written again."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for path in coco_shards.glob("train-*"):
+        shutil.copy(path, out / path.name)
+    if not with_index:
+        (out / "train-index.json").unlink()
+    originals = {p.name: p.read_bytes() for p in out.glob("train-*.tar")}
+    assert len(originals) >= 3
+    DAMAGES[damage](out / "train-000001.tar")
+    source = CocoSource(toy_coco / "train2014", toy_coco / "annotations/instances_train2014.json")
+    summary = write_shards(source, out, "train", "coco", source.class_names, max_shard_bytes=400_000, progress=False)
+    assert summary.shards_kept == 1 and summary.removed[0].startswith("train-000001.tar (damaged: ")
+    assert any(r.startswith("train-000002.tar (follows a damaged shard") for r in summary.removed)
+    assert {p.name: p.read_bytes() for p in out.glob("train-*.tar")} == originals  # rewritten, byte-identical
+    index = json.loads((out / "train-index.json").read_text())
+    assert index["format"] == "jc2a-shards/2" and len(index["records"]) == len(source)
+    for shard in index["shards"]:
+        data = originals[shard["name"]]
+        assert shard["bytes"] == len(data) and shard["sha256"] == __import__("hashlib").sha256(data).hexdigest()
+
+
+def test_out_that_is_a_file_or_unwritable_is_one_line(toy_coco, tmp_path, capsys):
+    ann = toy_coco / "annotations/instances_val2014.json"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        assert _shards_cli(toy_coco / "val2014", ann, out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(out) in err[0], err
+    assert afile.read_text() == "x"
+
+
+def test_full_disk_names_the_file_and_keeps_complete_shards(toy_coco, tmp_path, monkeypatch, capsys):
+    import errno
+
+    calls = {"n": 0}
+    real = tarfile.TarFile.addfile
+
+    def addfile(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] > 150:  # 50 records: the first shards are complete by then
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", addfile)
+    out = tmp_path / "out"
+    args = ["--max-shard-mb", "0.2", "--no-progress"]
+    assert _shards_cli(toy_coco / "val2014", toy_coco / "annotations/instances_val2014.json", out, args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and "No space left on device" in err[0], err
+    complete = sorted(out.glob("val-*.tar"))
+    assert complete and not list(out.glob("*.tmp")) and not (out / "val-index.json").exists()
+    from jc2a.data.shards import verify_shard
+
+    for number, path in enumerate(complete):
+        assert verify_shard(path, number)  # whole
+    monkeypatch.setattr(tarfile.TarFile, "addfile", real)  # space again: a rerun keeps them and finishes
+    source = CocoSource(toy_coco / "val2014", toy_coco / "annotations/instances_val2014.json")
+    summary = write_shards(source, out, "val", "coco", source.class_names, max_shard_bytes=int(0.2 * 2**20))
+    assert summary.shards_kept == len(complete) and summary.records == len(source)
+
+
+def test_split_must_be_a_plain_name(toy_coco, tmp_path, capsys):
+    source = CocoSource(toy_coco / "val2014", toy_coco / "annotations/instances_val2014.json")
+    for split in ("../val", "val/x", "", "val-1", "v a l"):
+        with pytest.raises(ValueError, match="plain name"):
+            write_shards(source, tmp_path / "out", split, "coco", source.class_names, progress=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["shards", "coco", "--images", str(toy_coco / "val2014"), "--annotations", "x.json", "--split", "../v"])
+    assert exc.value.code == 2 and "plain name" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_label_png_is_fast_and_lossless():
+    """zlib level 1, no PNG row filter (every row's filter byte is 0), pixels identical."""
+    import struct
+    import zlib
+
+    from jc2a.data.records import encode_label
+
+    rng = np.random.default_rng(0)
+    label = np.zeros((97, 131), np.uint8)
+    label[10:60, 20:90] = 7
+    label[40:80, 50:120] = 255
+    noise = rng.random(label.shape) < 0.05
+    label[noise] = rng.integers(0, 256, size=int(noise.sum()))
+    for array in (label, rng.integers(0, 256, (33, 17), dtype=np.uint8), np.zeros((1, 1), np.uint8)):
+        data = encode_label(array)
+        np.testing.assert_array_equal(decode_label(data), array)
+        idat, pos = b"", 8
+        while pos < len(data):
+            (length,) = struct.unpack(">I", data[pos : pos + 4])
+            if data[pos + 4 : pos + 8] == b"IDAT":
+                idat += data[pos + 8 : pos + 8 + length]
+            pos += 12 + length
+        assert idat[1] >> 6 == 0  # zlib FLEVEL 0: the fastest compression levels
+        raw = zlib.decompress(idat)
+        width = array.shape[1] + 1
+        assert {raw[row * width] for row in range(array.shape[0])} == {0}  # filter type None on every row

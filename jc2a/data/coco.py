@@ -273,6 +273,7 @@ class CocoSource:
         self.problems: list[dict] = []  # {"source", "reason"} of annotations that belong to no listed image
         infos: dict[int, dict] = {}
         broken: list[tuple[str, Optional[dict], str, Optional[str]]] = []
+        skipped_ids: set[int] = set()
         for i, info in enumerate(data["images"]):
             error = _image_problem(info)
             if error is None and info["id"] in infos:
@@ -280,6 +281,8 @@ class CocoSource:
             if error is None:
                 infos[info["id"]] = info
                 continue
+            if isinstance(info, dict) and _is_int(info.get("id")) and info["id"] not in infos:
+                skipped_ids.add(info["id"])  # its annotations go with it, unreported
             name = info.get("file_name") if isinstance(info, dict) else None
             plain = _file_name_problem(name) is None
             source = f"{self.folder}/{name}" if plain else f"{self.annotations.name} images[{i}]"
@@ -294,8 +297,10 @@ class CocoSource:
         for i, ann in enumerate(data["annotations"]):
             image_id = ann.get("image_id") if isinstance(ann, dict) else None
             name = f"annotation {ann.get('id')!r}" if isinstance(ann, dict) else f"annotations[{i}]"
+            if _is_int(image_id) and image_id in skipped_ids and image_id not in infos:
+                continue
             if not _is_int(image_id) or image_id not in infos:
-                reason = f"{name}: image id {image_id!r} is not among the file's (usable) images"
+                reason = f"{name}: image id {image_id!r} is not among the file's images"
                 self.problems.append({"source": self.annotations.name, "reason": reason})
                 continue
             reason = _annotation_problem(ann, infos[image_id], seen)

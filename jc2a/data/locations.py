@@ -1,30 +1,56 @@
-"""Where shards live: local folders, brace patterns, http(s) URLs and `pipe:` commands, index beside them.
+"""Where shards live (folders, brace patterns, http(s) URLs, `pipe:` commands) and how their index is trusted.
 
-A location is either a folder/URL prefix (`shards/coco`, `http://host/coco`) whose `<split>-index.json`
-names the shards, or an explicit shard pattern whose index is read from the same place:
+A location is a folder/URL prefix whose `<split>-index.json` names the shards, an explicit shard pattern whose
+index is read from the same place, or a `pipe:` command with `{shard}` where a file name goes:
+    shards/coco, http://host/coco                   -> <location>/train-index.json, then the names it lists
     /data/coco/train-{000000..000031}.tar          -> /data/coco/train-index.json
     http://host/coco/train-{000000..000031}.tar    -> http://host/coco/train-index.json
     pipe:aws s3 cp s3://b/coco/train-{000000..000031}.tar -   -> pipe:aws s3 cp s3://b/coco/train-index.json -
+    pipe:aws s3 cp s3://b/coco/{shard} -            -> pipe:aws s3 cp s3://b/coco/train-index.json -, then one
+                                                       command per listed shard, the name shlex-quoted
+
+Trust: the location (a config value) is the user's own, and so is its `pipe:` command. An index is data: every
+shard name must be `<split>-NNNNNN.tar` and every record must point into a listed shard, or the index is
+refused; no string of an index ever reaches a shell except as a quoted `{shard}` argument, and cached copies
+of remote shards are named only by validated names inside the cache folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
-import shutil
+import shlex
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Optional
 
 import braceexpand
 import numpy as np
-import webdataset as wds
 
-from jc2a.data.shards import INDEX_FORMAT, index_name
+from jc2a.data.shards import MEMBERS, READABLE_FORMATS, check_split, index_name, read_complete_shard, shard_pattern
 
-_SHARD = re.compile(r"([A-Za-z0-9_.]+)-(\{[^}]*\}|\d{6})\.tar")
+_SHARD = re.compile(r"([A-Za-z0-9_]+)-(\{[^}]*\}|\d{6})\.tar")
 _REMOTE = ("http://", "https://", "pipe:", "gs://", "s3://")
+SHARD_SLOT = "{shard}"  # where a file name goes in a location (a `pipe:` command above all)
+# An index stores the writer's dataset name; configs name the benchmark built from it.
+DATASETS = {"coco": "coco20i", "pascal": "pascal5i", "coco20i": "coco20i", "pascal5i": "pascal5i"}
+BACKOFF = 0.5  # seconds before the first retry of a remote read; doubled for each further retry
+CACHE_MAX_GB = 50.0  # default bound on the cache of remote shards (`JC2A_CACHE_MAX_GB`)
+_MEMBER_SET = frozenset(MEMBERS)
+_IN_USE: Counter = Counter()  # cached shard files open in this process: never evicted
+
+
+class RemoteError(OSError):
+    """A remote read that failed every try (or answered with something that is not the file): names the URL."""
 
 
 def is_remote(url: str) -> bool:
@@ -33,53 +59,313 @@ def is_remote(url: str) -> bool:
 
 def shard_basename(url: str) -> Optional[str]:
     """`train-000003.tar` for any URL, path or pipe command naming that shard."""
-    found = re.findall(r"[A-Za-z0-9_.]+-\d{6}\.tar", url)
+    found = re.findall(r"[A-Za-z0-9_]+-\d{6}\.tar", url)
     return found[-1] if found else None
 
 
-def _read_url(url: str) -> bytes:
-    """All bytes behind a local path, http(s) URL or `pipe:` command (webdataset's gopen)."""
-    if not is_remote(url):
-        return Path(url).read_bytes()
-    with wds.gopen(url, "rb") as stream:
-        return stream.read()
+def _fill(location: str, name: str) -> str:
+    """`location` with its `{shard}` slot replaced by `name`: a shlex-quoted argument in a `pipe:` command."""
+    if location.startswith("pipe:"):
+        return location.replace(SHARD_SLOT, shlex.quote(name))
+    if location.startswith(("http://", "https://")):
+        return location.replace(SHARD_SLOT, urllib.parse.quote(name))
+    return location.replace(SHARD_SLOT, name)
 
 
 def resolve(location: str, split: str) -> tuple[str, list[str]]:
     """(index URL, explicit shard URLs or [] when the index names them) of `split` at `location`."""
+    check_split(split)
+    if SHARD_SLOT in location:
+        return _fill(location, index_name(split)), []
     match = _SHARD.search(location)
     if match:
         if match.group(1) != split:
             raise ValueError(f"shard pattern {location!r} is for split {match.group(1)!r}, not {split!r}")
         index = location[: match.start()] + index_name(split) + location[match.end() :]
         return index, list(braceexpand.braceexpand(location))
+    if location.startswith("pipe:"):
+        raise ValueError(
+            f"{location!r}: a pipe: location needs {SHARD_SLOT} where the file name goes "
+            f"(pipe:aws s3 cp s3://bucket/coco/{SHARD_SLOT} -) or an explicit shard pattern"
+        )
     sep = "" if location.endswith("/") else "/"
     return f"{location}{sep}{index_name(split)}", []
+
+
+# --------------------------------------------------------------------------- remote reads
+
+
+def _command(url: str) -> tuple[object, bool]:
+    """(command, through a shell) that writes the file behind a `pipe:`, `gs://` or `s3://` URL to stdout."""
+    if url.startswith("pipe:"):
+        return url[len("pipe:") :], True  # the user's own command, as written in the config
+    if url.startswith("gs://"):
+        return ["gsutil", "cat", url], False
+    return ["aws", "s3", "cp", url, "-"], False
+
+
+def _run(url: str, dst: BinaryIO, timeout: float) -> None:
+    """One try: run the command of `url` with its stdout into `dst`, killed (with its children) at `timeout`."""
+    command, shell = _command(url)
+    stdout = dst if hasattr(dst, "fileno") and not isinstance(dst, io.BytesIO) else subprocess.PIPE
+    proc = subprocess.Popen(command, shell=shell, stdout=stdout, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise TimeoutError(f"no complete answer within {timeout:g} s") from None
+    if proc.returncode != 0:
+        lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+        raise OSError(f"command exited with status {proc.returncode}" + (f": {lines[-1][:200]}" if lines else ""))
+    if out:
+        dst.write(out)
+
+
+class _Permanent(OSError):
+    """A failure that a retry would not change (an HTTP 404, say)."""
+
+
+def _http(url: str, dst: BinaryIO, timeout: float) -> None:
+    """One try: stream `url` into `dst`; every socket wait is bounded and the whole read must end by `timeout`."""
+    deadline = time.monotonic() + timeout
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            while block := response.read(2**20):
+                dst.write(block)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no complete answer within {timeout:g} s")
+    except urllib.error.HTTPError as exc:
+        error = _Permanent if exc.code < 500 and exc.code not in (408, 429) else OSError
+        raise error(f"HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        raise (reason if isinstance(reason, OSError) else OSError(str(reason))) from None
+
+
+def fetch(url: str, dst: BinaryIO, timeout: float = 60.0, retries: int = 3, check=None) -> None:
+    """Write the file behind a remote `url` into `dst`, retrying a failed try with exponential back-off.
+
+    Args:
+        timeout: seconds one try may take in all (a stalled server or command is abandoned).
+        retries: tries after the first; waits BACKOFF, 2 x BACKOFF, ... between them.
+        check: called with `dst` after a try; a ValueError it raises makes the try a failure (e.g. an HTML
+            error page where a shard was expected).
+
+    Raises RemoteError naming the URL and the last failure.
+    """
+    why = "not tried"
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(BACKOFF * 2 ** (attempt - 1))
+        dst.seek(0)
+        dst.truncate()
+        try:
+            (_http if url.startswith(("http://", "https://")) else _run)(url, dst, timeout)
+            dst.flush()
+            if check is not None:
+                check(dst)
+            return
+        except _Permanent as exc:
+            raise RemoteError(f"{url}: {exc}") from None
+        except TimeoutError:
+            why = f"no complete answer within {timeout:g} s"
+        except (OSError, ValueError) as exc:
+            why = " ".join(str(exc).split()) or type(exc).__name__  # one line
+    tries = f"{retries + 1} tries" if retries else "1 try"
+    raise RemoteError(f"{url}: {why} ({tries})")
+
+
+def _read_url(url: str, timeout: float, retries: int) -> bytes:
+    """All bytes behind a local path, or a remote URL (`fetch`)."""
+    if not is_remote(url):
+        return Path(url).read_bytes()
+    buf = io.BytesIO()
+    fetch(url, buf, timeout, retries)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- the index
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_index(index: object, url: str, split: str) -> None:
+    """Refuse an index that is not a well-formed index of `split`: ValueError, one line naming `url`.
+
+    Every shard name must be `<split>-NNNNNN.tar` (names become file names and command arguments), every record
+    must point into a listed shard with members among json/jpg/png at non-negative offsets.
+    """
+    if not isinstance(index, dict):
+        raise ValueError(f"{url}: not a shard index (a JSON {type(index).__name__})")
+    if index.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{url}: format {index.get('format')!r}, expected one of {list(READABLE_FORMATS)}")
+    if index.get("split", split) != split:
+        raise ValueError(f"{url}: an index of split {index.get('split')!r}, not {split!r}")
+    if not isinstance(index.get("dataset"), str) or not isinstance(index.get("classes"), dict):
+        raise ValueError(f"{url}: no 'dataset' name or 'classes' table")
+    names = shard_pattern(split)
+    shards, records = index.get("shards"), index.get("records")
+    if not isinstance(shards, list) or not isinstance(records, list):
+        raise ValueError(f"{url}: no 'shards' and 'records' lists")
+    for shard in shards:
+        name = shard.get("name") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or not names.fullmatch(name):
+            raise ValueError(f"{url}: shard name {str(name)[:80]!r} is not of the form {split}-NNNNNN.tar; refused")
+        sha = shard.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise ValueError(f"{url}: shard {name} has a malformed sha256")
+        if shard.get("bytes") is not None and not (_is_int(shard["bytes"]) and shard["bytes"] >= 0):
+            raise ValueError(f"{url}: shard {name} has a malformed byte size")
+    if len({s["name"] for s in shards}) != len(shards):
+        raise ValueError(f"{url}: a shard is listed twice")
+    for i, record in enumerate(records):
+        problem = _index_record_problem(record, len(shards))
+        if problem:
+            raise ValueError(f"{url}: record {i} {problem}; refused")
+    for key, name in index["classes"].items():
+        if not key.isdigit() or not isinstance(name, str):
+            raise ValueError(f"{url}: class {key!r} -> {str(name)[:40]!r} is not an id -> name pair")
+
+
+def _index_record_ok(record: object, shards: int) -> bool:
+    """The common case of `_index_record_problem`, fast (an index lists ~10^5 records)."""
+    if type(record) is not dict:
+        return False
+    shard, offsets, classes = record.get("shard"), record.get("offsets"), record.get("classes")
+    if type(record.get("key")) is not str or type(shard) is not int or not 0 <= shard < shards:
+        return False
+    if type(offsets) is not dict or offsets.keys() != _MEMBER_SET or type(classes) is not dict:
+        return False
+    for span in offsets.values():
+        if type(span) is not list or len(span) != 2 or type(span[0]) is not int or type(span[1]) is not int:
+            return False
+        if span[0] < 0 or span[1] < 0:
+            return False
+    return all(type(v) is int for v in classes.values()) and all(k.isdigit() for k in classes)
+
+
+def _index_record_problem(record: object, shards: int) -> Optional[str]:
+    """Why a record of an index cannot be trusted, or None."""
+    if _index_record_ok(record, shards):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+        return "has no key"
+    if not _is_int(record.get("shard")) or not 0 <= record["shard"] < shards:
+        return f"points to shard {record.get('shard')!r}, which the index does not list"
+    offsets, classes = record.get("offsets"), record.get("classes")
+    if not isinstance(offsets, dict) or set(offsets) != set(MEMBERS):
+        return f"has members {sorted(offsets) if isinstance(offsets, dict) else offsets!r}, expected {list(MEMBERS)}"
+    for span in offsets.values():
+        if not (isinstance(span, list) and len(span) == 2 and all(_is_int(v) and v >= 0 for v in span)):
+            return f"has a malformed member offset {span!r}"
+    if not isinstance(classes, dict) or not all(k.isdigit() and _is_int(v) for k, v in classes.items()):
+        return "has malformed class pixel counts"
+    return None
+
+
+# --------------------------------------------------------------------------- the cache of remote shards
+
+
+def cache_limit() -> int:
+    """The cache's size bound in bytes: `JC2A_CACHE_MAX_GB` (default 50)."""
+    text = os.environ.get("JC2A_CACHE_MAX_GB", "")
+    try:
+        gb = float(text) if text else CACHE_MAX_GB
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0:
+        raise ValueError(f"JC2A_CACHE_MAX_GB={text!r}: expected a number of GB >= 0")
+    return int(gb * 2**30)
+
+
+def evict(cache_dir: Path, need: int, keep: tuple[Path, ...] = ()) -> list[Path]:
+    """Delete least-recently-used complete shards under `cache_dir` until `need` more bytes fit the bound.
+
+    Never a file open in this process or listed in `keep`; temporary files of downloads a day old are removed.
+    Returns the deleted files.
+    """
+    limit, now = cache_limit(), time.time()
+    for tmp in cache_dir.glob("*/.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > 86400:
+                tmp.unlink()
+        except OSError:
+            pass
+    files = []
+    for path in cache_dir.glob("*/*.tar"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        files.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in files)
+    protected = {p.resolve() for p in keep} | {p for p, n in _IN_USE.items() if n > 0}
+    deleted = []
+    for _, size, path in sorted(files):
+        if total + need <= limit:
+            break
+        if path.resolve() in protected:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        deleted.append(path)
+    return deleted
 
 
 class ShardSet:
     """One split's index and shard URLs, with random access to records by their index position.
 
     Args:
-        location: folder, URL prefix or shard pattern (see the module docstring).
-        split: "train", "val", ...
+        location: folder, URL prefix, shard pattern or `pipe:` command with `{shard}` (module docstring).
+        split: "train", "val", ... (a plain name).
         cache_dir: where remote shards are copied for random access (evaluation); default
-            `$JC2A_CACHE` or `~/.cache/jc2a/shards`.
+            `$JC2A_CACHE` or `~/.cache/jc2a/shards`, bounded by `$JC2A_CACHE_MAX_GB` (default 50), LRU.
+        timeout: seconds one remote read (index or shard, http(s) or pipe:) may take before it is retried.
+        retries: retries of a failed remote read, with exponential back-off.
+        dataset: "coco20i" or "pascal5i" (the config's `data.dataset`): an index of another dataset is refused.
+
+    Attributes:
+        dataset: the index's dataset as a config names it ("coco20i", "pascal5i").
+        checksum: sha256 hex of the index bytes.
     """
 
-    def __init__(self, location: str, split: str, cache_dir: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        location: str,
+        split: str,
+        cache_dir: Optional[str] = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        dataset: Optional[str] = None,
+    ) -> None:
+        if not timeout > 0 or not _is_int(retries) or retries < 0:
+            raise ValueError(f"remote reads need a timeout > 0 and retries >= 0, got {timeout!r}, {retries!r}")
         self.location, self.split = str(location), split
+        self.timeout, self.retries = float(timeout), retries
         self.index_url, explicit = resolve(self.location, split)
         try:
-            raw = _read_url(self.index_url)
+            raw = _read_url(self.index_url, self.timeout, self.retries)
+        except RemoteError as exc:
+            raise FileNotFoundError(f"shard index not found or unreadable: {exc}") from None
         except (OSError, ValueError) as exc:
             raise FileNotFoundError(f"shard index not found or unreadable: {self.index_url} ({exc})") from None
+        self.checksum = hashlib.sha256(raw).hexdigest()
         try:
             self.index = json.loads(raw)
         except ValueError:
             raise ValueError(f"{self.index_url}: not a JSON shard index") from None
-        if self.index.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{self.index_url}: format {self.index.get('format')!r}, expected {INDEX_FORMAT!r}")
+        check_index(self.index, self.index_url, split)
+        self.dataset = DATASETS.get(self.index["dataset"], self.index["dataset"])
+        if dataset is not None and self.dataset != DATASETS.get(dataset, dataset):
+            raise ValueError(
+                f"{self.index_url}: the shards hold dataset {self.index['dataset']!r}, the config says {dataset!r}"
+            )
         names = [s["name"] for s in self.index["shards"]]
         if explicit:
             by_name = {shard_basename(u): u for u in explicit}
@@ -89,6 +375,8 @@ class ShardSet:
                     f"{self.location}: pattern does not cover shard {missing[0]} listed in {self.index_url}"
                 )
             self.urls = [by_name[n] for n in names]
+        elif SHARD_SLOT in self.location:
+            self.urls = [_fill(self.location, n) for n in names]
         else:
             prefix = self.index_url[: -len(index_name(split))]
             self.urls = [prefix + n for n in names]
@@ -119,19 +407,57 @@ class ShardSet:
         return pairs[pairs[:, 1] >= min_pixels, 0]
 
     def local_path(self, shard: int) -> Path:
-        """A local file of shard `shard`: the shard itself, or its copy in the cache for a remote one."""
-        url = self.urls[shard]
+        """A local file of shard `shard`: the shard itself, or its copy in the cache for a remote one.
+
+        A remote shard is downloaded to a temporary name and renamed into the cache only when it is whole: the
+        size and sha256 the index records, or (older indexes) a tar that reads to its end with this shard's
+        records. Least-recently-used copies are evicted to keep the cache under its bound.
+        """
+        url, info = self.urls[shard], self.index["shards"][shard]
         if not is_remote(url):
-            return Path(url)
-        digest = hashlib.sha1(self.index_url.encode()).hexdigest()[:16]
-        path = self.cache_dir / digest / self.index["shards"][shard]["name"]
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            with wds.gopen(url, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            path = Path(url)
+            if _is_int(info.get("bytes")) and path.is_file() and path.stat().st_size != info["bytes"]:
+                raise ValueError(
+                    f"{path}: {path.stat().st_size} bytes, {self.index_url} says {info['bytes']}: "
+                    "the shard changed after its index was written"
+                )
+            return path
+        folder = self.cache_dir / hashlib.sha1(self.index_url.encode()).hexdigest()[:16]
+        path = folder / info["name"]  # a validated name: never '..' or absolute
+        if path.is_file() and path.stat().st_size == info.get("bytes", path.stat().st_size):
+            os.utime(path)  # recency for the LRU bound
+            return path
+        folder.mkdir(parents=True, exist_ok=True)
+        evict(self.cache_dir, info.get("bytes", 0))
+        tmp = folder / f".{info['name']}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        try:
+            with open(tmp, "w+b") as dst:
+                fetch(url, dst, self.timeout, self.retries, check=lambda f: self._check_download(f, shard))
             os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
+
+    def _check_download(self, f: BinaryIO, shard: int) -> None:
+        """ValueError unless the downloaded file `f` is shard `shard` as the index describes it."""
+        info = self.index["shards"][shard]
+        size = f.seek(0, os.SEEK_END)
+        if "sha256" in info:
+            if size != info["bytes"]:
+                raise ValueError(f"got {size} bytes, the index says {info['bytes']}")
+            f.seek(0)
+            digest = hashlib.sha256()
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+            if digest.hexdigest() != info["sha256"]:
+                raise ValueError("the download's sha256 differs from the index's")
+            return
+        try:
+            keys = {e["key"] for e in read_complete_shard(Path(f.name), shard)}
+        except ValueError as exc:
+            raise ValueError(f"the download is not a complete shard ({exc})") from None
+        if keys != {r["key"] for r in self.records if r["shard"] == shard}:
+            raise ValueError("the download's records differ from the ones the index lists")
 
     def read(self, position: int) -> dict:
         """The raw sample of record `position`: `__key__`, `__url__`, `jpg`, `png`, `json` bytes."""
@@ -140,7 +466,9 @@ class ShardSet:
         record = self.records[position]
         shard = record["shard"]
         if shard not in self._files:
-            self._files[shard] = open(self.local_path(shard), "rb")
+            path = self.local_path(shard)
+            self._files[shard] = open(path, "rb")
+            _IN_USE[path.resolve()] += 1
         f = self._files[shard]
         sample = {"__key__": record["key"], "__url__": self.urls[shard]}
         for ext, (offset, size) in record["offsets"].items():
@@ -152,7 +480,11 @@ class ShardSet:
         """Close the shard files opened by `read` in this process (they reopen on the next `read`)."""
         if self._pid == os.getpid():
             for f in self._files.values():
+                path = Path(f.name).resolve()
                 f.close()
+                _IN_USE[path] -= 1
+                if _IN_USE[path] <= 0:
+                    del _IN_USE[path]
         self._files = {}
 
     def __enter__(self) -> ShardSet:

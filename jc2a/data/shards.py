@@ -104,7 +104,7 @@ class WriteSummary:
 def read_shard_entries(path: Path, shard: int) -> list[dict]:
     """Index entries of a complete shard: key, shard number, class pixel counts, member offsets."""
     entries: dict[str, dict] = {}
-    with tarfile.open(path) as tar:
+    with tarfile.open(path, "r:") as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -164,23 +164,32 @@ def verify_shard(path: Path, shard: int, recorded: Optional[dict] = None) -> lis
         if sha256_file(path) != recorded["sha256"]:
             raise ValueError("its sha256 differs from the earlier index's")
         return read_shard_entries(path, shard)
+    entries = read_complete_shard(path, shard)
+    problem = None
+    with open(path, "rb") as f:
+        for entry in entries:
+            members = {}
+            for ext, (offset, size) in entry["offsets"].items():
+                f.seek(offset)
+                members[ext] = f.read(size)
+            problem = _record_problem(members, entry)
+            if problem:
+                raise ValueError(problem)
+    return entries
+
+
+def read_complete_shard(path: Path, shard: int) -> list[dict]:
+    """`read_shard_entries` of a tar that reads whole to its end-of-archive marker; ValueError saying why not."""
     try:
         entries = read_shard_entries(path, shard)
-        with tarfile.open(path) as tar:
-            last = tar.getmembers()[-1] if tar.getmembers() else None
-        end = 0 if last is None else last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-        problem = _end_problem(path, end) or (None if entries else "no records")
-        with open(path, "rb") as f:
-            for entry in entries if problem is None else []:
-                members = {}
-                for ext, (offset, size) in entry["offsets"].items():
-                    f.seek(offset)
-                    members[ext] = f.read(size)
-                problem = _record_problem(members, entry)
-                if problem:
-                    break
+        with tarfile.open(path, "r:") as tar:
+            members = tar.getmembers()
     except (tarfile.TarError, OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"not a readable shard ({exc})") from None
+    if not entries:
+        raise ValueError("no records")
+    last = members[-1]
+    problem = _end_problem(path, last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
     if problem:
         raise ValueError(problem)
     return entries
