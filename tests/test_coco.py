@@ -193,7 +193,11 @@ def test_annotation_of_an_unlisted_image_is_named(toy_coco, tmp_path):
     ]
 
 
-@pytest.mark.parametrize("bad", ["../val2014/{name}", "{outside}", "sub/../../{name}", "C:\\{name}"])
+@pytest.mark.parametrize(
+    "bad",
+    ["../val2014/{name}", "{outside}", "sub/../../{name}", "C:\\{name}"],
+    ids=["dotdot", "absolute", "inner-dotdot", "windows-drive"],
+)
 def test_file_name_leaving_the_image_folder_is_refused(toy_coco, tmp_path, bad):
     data = _small(toy_coco)
     victim = data["images"][1]

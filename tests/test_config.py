@@ -128,7 +128,9 @@ def test_numbers_out_of_range_are_refused(override):
         (["model.hpam.block=[4,3,3,-2]"], "model.hpam.block", "positive"),
         (["data.train_split=../train"], "data.train_split", "plain name"),
     ],
-)
+    ids=["pool-below-shot", "no-eval-seeds", "scale-reversed", "scale-zero", "scale-one-value", "rotate-reversed",
+         "bin-zero", "topk-zero", "block-negative", "split-path"],
+)  # fmt: skip
 def test_cross_field_rules(overrides, key, words):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)

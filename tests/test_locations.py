@@ -52,7 +52,10 @@ BAD_NAMES = [
 ]
 
 
-@pytest.mark.parametrize("name", BAD_NAMES)
+@pytest.mark.parametrize(
+    "name", BAD_NAMES, ids=["dotdot", "absolute", "semicolon", "subshell", "other-split", "seven-digits", "newline",
+                            "subfolder"]
+)  # fmt: skip
 def test_index_shard_names_are_validated(coco_shards, tmp_path, name):
     folder = _copy(coco_shards, tmp_path / "shards")
     index = _edit_index(folder, "val", lambda ix: ix["shards"][1].update(name=name))
@@ -77,7 +80,9 @@ def test_index_shard_names_are_validated(coco_shards, tmp_path, name):
         (lambda ix: ix.update(format="jc2a-shards/9"), "format 'jc2a-shards/9'"),
         (lambda ix: ix.update(split="train"), "an index of split 'train', not 'val'"),
     ],
-)
+    ids=["shard-out-of-range", "shard-not-int", "extra-member", "negative-offset", "shard-twice", "bad-sha256",
+         "unknown-format", "other-split"],
+)  # fmt: skip
 def test_malformed_index_is_refused(coco_shards, tmp_path, change, words):
     folder = _copy(coco_shards, tmp_path / "shards")
     _edit_index(folder, "val", change)

@@ -109,6 +109,7 @@ def test_decode_record_refuses_members_that_are_not_bytes(coco_shards):
         "data:\n  shards: !!python/object/new:os.system ['touch {marker}']\n",
         "!!python/name:os.system\n",
     ],
+    ids=["object-apply", "object-new", "name"],
 )
 def test_config_yaml_never_builds_python_objects(tmp_path, text):
     marker = tmp_path / "ran"
