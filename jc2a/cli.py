@@ -14,6 +14,8 @@ COMMANDS = {
     "toy": ("jc2a.data.toy", "write the built-in procedural toy dataset (COCO or VOC layout)"),
     "shards": ("jc2a.data.shards", "convert COCO 2014 or VOC 2012 + SBD into webdataset shards"),
     "preview": ("jc2a.runs.preview", "stream episodes from shards and save them as pictures"),
+    "bank": ("jc2a.runs.bank", "build CKMM's prototype bank over a fold's base-class training images"),
+    "train": ("jc2a.runs.train", "train JC2A (accelerate: CPU, 1 GPU, N GPUs, N nodes, DeepSpeed)"),
     "summary": ("jc2a.model.summary", "parameter counts of the paper's Table 3 rows"),
     "bench": ("jc2a.bench", "benchmarks that print ratios measured in one run"),
 }
@@ -37,10 +39,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        # Bad input: one clear line naming the file, record or key; no traceback.
-        print(f"jc2a {args.command}: error: {exc}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, ValueError, OSError) as exc:
+        # Bad input or a full disk: one clear line naming the file, record or key; no traceback.
+        print(f"jc2a {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from jc2a.data.episodes import StreamError
+
+        if not isinstance(exc, StreamError) and "StreamError" not in str(exc):
+            raise
+        print(f"jc2a {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of an error; for one re-raised from a DataLoader worker, the original message only."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:  # DataLoader: "Caught X in DataLoader worker ... Traceback ... X: message"
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 if __name__ == "__main__":

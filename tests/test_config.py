@@ -188,3 +188,11 @@ def test_not_utf8_and_a_folder_are_named(tmp_path):
     (tmp_path / "child.yaml").write_text("_base_: folder.yaml\n")
     with pytest.raises(ConfigError, match="is a folder"):
         load_config(tmp_path / "child.yaml")
+
+
+def test_yes_no_on_off_stay_strings():
+    # YAML 1.1 reads `no` as False: `train.mixed_precision=no` must mean the string "no"
+    cfg = load_config(None, ["train.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="'model.backbone.frozen' expects true/false, got 'yes'"):
+        load_config(None, ["model.backbone.frozen=yes"])

@@ -535,6 +535,13 @@ class EpisodeLoader(DataLoader):
         return self.batches
 
 
+def _own_generator() -> torch.Generator:
+    """A DataLoader draws a base seed for its workers at every iterator; from its own generator it leaves the
+    global torch RNG (dropout, P2B ties) alone, so a resumed run draws what an uninterrupted one draws. The
+    episodes do not depend on it: every stream seeds itself from (seed, epoch, rank, worker)."""
+    return torch.Generator().manual_seed(0)
+
+
 def _loader_threads(workers: int) -> None:
     """One cv2 thread in loader workers: set before they fork (cv2.setNumThreads inside a forked worker can
     hang, ENV.md); PyTorch already gives each worker one torch thread."""
@@ -581,7 +588,9 @@ def train_loader(
     episodes = cfg.data.episodes_per_epoch or epoch_episodes(cfg, shards)
     batches = math.ceil(episodes / (world * batch_size))
     _loader_threads(cfg.data.num_workers)
-    return EpisodeLoader(dataset, batches, batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
+    return EpisodeLoader(
+        dataset, batches, batch_size, num_workers=cfg.data.num_workers, collate_fn=collate, generator=_own_generator()
+    )
 
 
 def epoch_episodes(cfg: Config, shards: ShardSet) -> int:
@@ -629,7 +638,9 @@ def eval_loader(
     shards = shards or open_shards(cfg, cfg.data.val_split)
     dataset = EvalEpisodes(shards, eval_list(cfg, shards, seed, episodes), cfg.data.image_size, rank, world)
     _loader_threads(cfg.data.num_workers)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
+    return DataLoader(
+        dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate, generator=_own_generator()
+    )
 
 
 def bank_loader(
@@ -641,12 +652,20 @@ def bank_loader(
         shards, base_classes(cfg.data.dataset, cfg.data.fold), cfg.data.min_pixels, cfg.data.image_size, rank, world
     )
     _loader_threads(cfg.data.num_workers)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
+    return DataLoader(
+        dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate, generator=_own_generator()
+    )
 
 
 def open_shards(cfg: Config, split: str) -> ShardSet:
-    """The ShardSet of `split` at `data.shards`, checked to hold `data.dataset`."""
-    return ShardSet(cfg.data.shards, split)
+    """The ShardSet of `split` at `data.shards`, checked to hold `data.dataset`, with the config's remote limits."""
+    return ShardSet(
+        cfg.data.shards,
+        split,
+        timeout=cfg.data.remote_timeout,
+        retries=cfg.data.remote_retries,
+        dataset=cfg.data.dataset,
+    )
 
 
 def label_masks(label: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:

@@ -1,0 +1,285 @@
+"""Training: the loop on CPU, exact resume after SIGKILL, 2 gloo processes, the CKMM bank, MLflow, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from jc2a.config import load_config
+from jc2a.runs.common import load_trained_model, read_model_file
+
+ROOT = Path(__file__).resolve().parents[1]
+# the toy config at 65 px with a narrow head: a step takes a fraction of a second on 2 cores
+TINY = [
+    "data.image_size=65",
+    "model.feat_dim=32",
+    "data.min_pixels=200",
+    "data.eval_episodes=8",
+    "train.batch_size=2",
+    "train.tracking=none",
+    "train.log_every=1",
+    "train.val_episodes=4",
+    "train.val_every=0",
+]
+
+
+def tiny(coco_shards, run_dir, *extra):
+    return [f"data.shards={coco_shards}", f"train.output_dir={run_dir}", *TINY, *extra]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Every in-process run gets a new Accelerator state and leaves deterministic algorithms off."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    torch.use_deterministic_algorithms(False)
+
+
+def run_train(coco_shards, run_dir, *extra, resume=None):
+    from jc2a.runs.train import train
+
+    cfg = load_config(ROOT / "configs/toy.yaml", tiny(coco_shards, run_dir, *extra))
+    return train(cfg, resume=resume, progress=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, n: int = 2, timeout: int = 600, config="configs/accelerate/cpu_2proc.yaml", env=None):
+    """`accelerate launch` of `python -m jc2a ARGS` with n CPU processes (gloo)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / config)]
+    cmd += ["--num_processes", str(n), "--main_process_port", str(free_port()), "-m", "jc2a", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def params(path: Path) -> dict:
+    return read_model_file(path)[0]
+
+
+# --------------------------------------------------------------------------- the loop and its files
+
+
+def test_training_writes_checkpoints_model_and_metrics(coco_shards, tmp_path):
+    run = tmp_path / "run"
+    out = run_train(coco_shards, run, "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=1")
+    assert out["step"] == 4 and out["skipped_steps"] == 0 and 0 <= out["val_miou"] <= 100
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-4"]  # rotated: the newest one kept
+    state = json.loads((run / "checkpoints/step-4/trainer_state.json").read_text())
+    assert state["step"] == 4 and state["total_steps"] == 4 and state["batch"] == 4
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in lines if "loss" in m]
+    assert steps == [1, 2, 3, 4] and all(m["loss"] > 0 for m in lines if "loss" in m)
+    lrs = [m["lr"] for m in lines if "lr" in m]
+    assert lrs[0] == pytest.approx(2.5e-3 * (1 - 1 / 4) ** 0.9) and lrs[-1] == 0.0  # poly over the planned steps
+    model, cfg = load_trained_model(run)  # model.safetensors + config.yaml: every tensor, the bank included
+    bank = load_file(str(run / "bank.safetensors"))
+    assert torch.equal(model.prototype_bank.sums, bank["sums"]) and int(bank["counts"].sum()) > 0
+    assert (run / "best/model.safetensors").is_file() and cfg.data.image_size == 65
+
+
+def test_resume_after_sigkill_is_bit_identical(coco_shards, tmp_path):
+    extra = ["train.max_steps=6", "train.save_every=3", "train.deterministic=true", "data.num_workers=2"]
+    whole = tmp_path / "whole"
+    run_train(coco_shards, whole, *extra)
+    # the same run in a process killed right after its checkpoint at step 3, then resumed
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "jc2a", "train", "--no-progress", "--config", str(ROOT / "configs/toy.yaml")]
+    cmd += tiny(coco_shards, killed, *extra)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (killed / "checkpoints/step-3/trainer_state.json").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.safetensors").exists()
+    run_train(coco_shards, killed, *extra, resume=True)
+    a, b = params(whole / "model.safetensors"), params(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+def test_resume_refuses_another_config(coco_shards, tmp_path):
+    from jc2a.config import ConfigError
+
+    run = tmp_path / "run"
+    run_train(coco_shards, run, "train.max_steps=2", "train.save_every=1", "model.backbone.frozen=true")
+    with pytest.raises(ConfigError, match="trained with train.lr=0.0025, this command says 0.001"):
+        run_train(coco_shards, run, "train.max_steps=2", "model.backbone.frozen=true", "train.lr=0.001", resume=True)
+
+
+# --------------------------------------------------------------------------- precision and faults
+
+
+def test_bf16_on_cpu_trains(coco_shards, tmp_path):
+    out = run_train(coco_shards, tmp_path / "run", "train.max_steps=2", "train.mixed_precision=bf16")
+    assert out["step"] == 2 and out["skipped_steps"] == 0 and out["loss"] == out["loss"]
+
+
+def test_nonfinite_loss_is_skipped_counted_and_never_reaches_the_weights(coco_shards, tmp_path, monkeypatch):
+    from jc2a.model.jc2a import JC2A
+
+    real = JC2A.loss
+    calls = {"n": 0}
+
+    def loss(self, output, mask):
+        value = real(self, output, mask)
+        if isinstance(output, torch.Tensor):  # the aux-free recomputation for logging
+            return value
+        calls["n"] += 1
+        return value * float("nan") if calls["n"] == 2 else value
+
+    monkeypatch.setattr(JC2A, "loss", loss)
+    run = tmp_path / "run"
+    out = run_train(coco_shards, run, "train.max_steps=3", "train.trace_ranks=true", "model.backbone.frozen=true")
+    assert out["skipped_steps"] == 1
+    trace = [json.loads(line) for line in (run / "trace/rank-0.jsonl").read_text().splitlines()]
+    assert trace[0]["params"] == trace[1]["params"] != trace[2]["params"]  # step 2 left the weights as they were
+    model, _ = load_trained_model(run)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_steps"] for m in metrics if "skipped_steps" in m] == [0, 1, 1]
+
+
+def test_a_failed_checkpoint_leaves_the_last_one_loadable(coco_shards, tmp_path, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+
+    real = Accelerator.save_state
+    calls = {"n": 0}
+
+    def save_state(self, output_dir=None, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "partial").write_bytes(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match=r"step-2: checkpoint not written .*No space left on device.*intact"):
+        run_train(coco_shards, run, "train.max_steps=3", "train.save_every=1", "model.backbone.frozen=true")
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-1"]  # no half-written folder
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    out = run_train(coco_shards, run, "train.max_steps=3", "train.save_every=1", "model.backbone.frozen=true", resume=True)
+    assert out["step"] == 3
+
+
+def test_cli_reports_an_unwritable_output_in_one_line(coco_shards, tmp_path, capsys):
+    from jc2a.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    args = ["train", "--no-progress", "--config", str(ROOT / "configs/toy.yaml")]
+    assert main(args + tiny(coco_shards, blocker / "run", "train.max_steps=1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jc2a train: error:") and "file" in err and len(err.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def test_mlflow_run_holds_params_metrics_and_artifacts(coco_shards, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run = tmp_path / "run"
+    out = run_train(coco_shards, run, "train.max_steps=2", "train.tracking=mlflow", "model.backbone.frozen=true")
+    client = MlflowClient(uri)
+    record = client.get_run(out["mlflow_run_id"])
+    assert record.data.params["data.image_size"] == "65" and record.data.params["train.lr"] == "0.0025"
+    assert record.info.run_name == "coco20i-f0-1shot-resnet18-all"
+    assert mlflow.get_experiment(record.info.experiment_id).name == "coco20i"
+    history = client.get_metric_history(record.info.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert [m.step for m in client.get_metric_history(record.info.run_id, "val_miou")] == [2]
+    artifacts = {a.path for a in client.list_artifacts(record.info.run_id)}
+    assert {"config.yaml", "bank.safetensors", "model.safetensors", "metrics.jsonl"} <= artifacts
+
+
+def test_unreachable_mlflow_store_costs_a_warning_not_the_run(coco_shards, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    run = tmp_path / "run"
+    out = run_train(coco_shards, run, "train.max_steps=2", "train.tracking=mlflow", "model.backbone.frozen=true")
+    assert out["step"] == 2 and out["mlflow_run_id"] is None
+    assert "MLflow start failed" in caplog.text
+    assert len((run / "metrics.jsonl").read_text().splitlines()) >= 2
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def test_two_gloo_processes_stay_in_sync_and_draw_different_queries(coco_shards, tmp_path):
+    run = tmp_path / "run"
+    launch(["train", "--no-progress", "--config", "configs/toy.yaml", *tiny(coco_shards, run, "train.max_steps=3"),
+            "train.trace_ranks=true"])  # fmt: skip
+    ranks = [[json.loads(x) for x in (run / f"trace/rank-{r}.jsonl").read_text().splitlines()] for r in range(2)]
+    assert [t["step"] for t in ranks[0]] == [t["step"] for t in ranks[1]] == [1, 2, 3]
+    assert all(a["params"] == b["params"] for a, b in zip(*ranks))  # identical parameters after every step
+    assert all(set(a["queries"]).isdisjoint(b["queries"]) for a, b in zip(*ranks))  # different queries
+    assert (run / "model.safetensors").is_file()
+
+
+def test_bank_of_two_processes_equals_the_one_process_bank(coco_shards, tmp_path):
+    from jc2a.runs.bank import bank_main
+
+    args = [f"data.shards={coco_shards}", "data.image_size=65", "data.min_pixels=200", "model.backbone.frozen=true"]
+    bank_main([str(ROOT / "configs/toy.yaml")], args, tmp_path / "one.safetensors", progress=False)
+    launch(["bank", "--no-progress", "--config", "configs/toy.yaml", "--out", str(tmp_path / "two.safetensors"), *args])
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert torch.equal(one["counts"], two["counts"]) and int(one["counts"].sum()) > 20
+    assert torch.allclose(one["sums"], two["sums"], rtol=1e-12, atol=1e-12)
+
+
+def _deepspeed_ready() -> str:
+    try:
+        import deepspeed  # noqa: F401
+        import transformers  # noqa: F401
+    except Exception as exc:  # not installed, or installed without what it needs
+        return f"DeepSpeed through accelerate needs deepspeed and transformers: {type(exc).__name__}: {exc}"
+    return ""
+
+
+@pytest.mark.skipif(bool(_deepspeed_ready()), reason=_deepspeed_ready() or "ready")
+def test_deepspeed_zero2_runs_two_steps_on_cpu(coco_shards, tmp_path):
+    run = tmp_path / "run"
+    launch(
+        ["train", "--no-progress", "--config", "configs/toy.yaml", *tiny(coco_shards, run, "train.max_steps=2"),
+         "model.backbone.frozen=true", "train.mixed_precision=no"],
+        config="configs/accelerate/deepspeed_zero2.yaml",
+        env={"ACCELERATE_MIXED_PRECISION": "no"},
+    )  # fmt: skip
+    assert json.loads((run / "train_summary.json").read_text())["step"] == 2
+    assert (run / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a loss scaler needs CUDA; this machine has none")
+def test_fp16_on_cuda_trains_with_a_loss_scaler(coco_shards, tmp_path):
+    out = run_train(coco_shards, tmp_path / "run", "train.max_steps=3", "train.mixed_precision=fp16")
+    assert out["step"] == 3 and out["loss"] == out["loss"]
