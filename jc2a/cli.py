@@ -16,6 +16,8 @@ COMMANDS = {
     "preview": ("jc2a.runs.preview", "stream episodes from shards and save them as pictures"),
     "bank": ("jc2a.runs.bank", "build CKMM's prototype bank over a fold's base-class training images"),
     "train": ("jc2a.runs.train", "train JC2A (accelerate: CPU, 1 GPU, N GPUs, N nodes, DeepSpeed)"),
+    "eval": ("jc2a.runs.evaluate", "evaluate a trained model at the paper's protocol: results.json/.md, figures"),
+    "predict": ("jc2a.runs.predict", "segment your own query images from K annotated support images"),
     "summary": ("jc2a.model.summary", "parameter counts of the paper's Table 3 rows"),
     "bench": ("jc2a.bench", "benchmarks that print ratios measured in one run"),
 }
