@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import functools
 import http.server
-import io
 import json
 import shutil
-import tarfile
 import threading
 import time
 from collections import Counter
@@ -254,8 +252,8 @@ def test_every_worker_of_every_rank_samples_every_shard_evenly(toy_cfg, monkeypa
     for rank in range(2):
         for worker in range(2):
             stream = TrainEpisodes(train, base_classes("coco20i", 0), 1, 200, None, rank=rank, world=2, seed=rank)
-            urls = stream._resampled(random.Random(worker))
-            counts.update(next(urls)["url"] for _ in range(3000))
+            shards = stream._resampled(random.Random(worker))
+            counts.update(train.urls[next(shards)] for _ in range(3000))
     assert set(counts) == set(train.urls)
     assert max(counts.values()) / min(counts.values()) < 1.15  # was 2.3x with 3 shards over 2 workers
 
@@ -336,6 +334,40 @@ def test_a_stream_without_episodes_times_out(toy_cfg):
     assert time.monotonic() - start < 30
 
 
+def test_a_stalled_shard_server_ends_the_stream(coco_shards, tmp_path, monkeypatch):
+    """The index is served, every shard request hangs: the remote timeout and the failure bound end the stream."""
+    monkeypatch.setenv("JC2A_CACHE", str(tmp_path / "cache"))
+    index = (coco_shards / "train-index.json").read_bytes()
+
+    class Stall(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.endswith("train-index.json"):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(index)))
+                self.end_headers()
+                self.wfile.write(index)
+            else:
+                time.sleep(30)  # accept, never answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stall)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        train = ShardSet(url, "train", timeout=0.5, retries=0)
+        stream = TrainEpisodes(train, base_classes("coco20i", 0), 1, 200, None, max_failures=3)
+        start = time.monotonic()
+        with pytest.raises(StreamError, match=r"split 'train' at http://127.0.0.1:\d+: 3 consecutive unreadable"):
+            next(iter(stream))
+        assert time.monotonic() - start < 20
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_stream_error_crosses_loader_workers(toy_cfg, coco_shards, tmp_path):
     shutil.copytree(coco_shards, tmp_path / "shards")
     for tar in (tmp_path / "shards").glob("train-*.tar"):
@@ -374,24 +406,20 @@ def test_label_masks():
 
 
 def _corrupt_copy(src: Path, dst: Path, min_pixels: int) -> str:
-    """Copy the shards; the first record of shard 0 with a usable base-class pair gets a broken JPEG."""
+    """Copy the shards; the first record of shard 0 with a usable base-class pair gets its JPEG bytes zeroed in
+    place (the shard keeps its size: damage inside a member, as a bad disk or a bad upload leaves it)."""
     shutil.copytree(src, dst)
     base = {str(c) for c in base_classes("coco20i", 0)}
     index = json.loads((dst / "train-index.json").read_text())
-    bad_key = next(
-        r["key"] for r in index["records"]
+    bad = next(
+        r for r in index["records"]
         if r["shard"] == 0 and any(k in base and n >= min_pixels for k, n in r["classes"].items())
     )  # fmt: skip
-    shard = dst / "train-000000.tar"
-    with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for m, data in members:
-            if m.name == f"{bad_key}.jpg":
-                data = b"\xff\xd8\xff\xe0 truncated garbage"
-            m.size = len(data)
-            tar.addfile(m, io.BytesIO(data))
-    return bad_key
+    offset, size = bad["offsets"]["jpg"]
+    with open(dst / "train-000000.tar", "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(size))
+    return bad["key"]
 
 
 def test_corrupt_jpeg_is_skipped_and_counted(toy_cfg, coco_shards, tmp_path, caplog):

@@ -386,10 +386,22 @@ class TrainEpisodes(IterableDataset):
 
     # ------------------------------------------------------------------ the stream
 
-    def _resampled(self, rng: random.Random) -> Iterator[dict]:
+    def _resampled(self, rng: random.Random) -> Iterator[int]:
         """webdataset's ResampledShards over *every* shard: no shard is over-weighted, whatever the split."""
         while True:
-            yield {"url": rng.choice(self.urls)}
+            yield rng.randrange(len(self.urls))
+
+    def _opened(self, shards: Iterator[int]) -> Iterator[dict]:
+        """`{"url", "stream"}` of each shard: the local file, or for a remote shard a copy in the cache fetched
+        with the ShardSet's timeout, bounded retries and checksum (a stalled server fails, never hangs)."""
+        for shard in shards:
+            url = self.urls[shard]
+            try:
+                stream = open(self.shards.local_path(shard), "rb")
+            except (OSError, ValueError) as exc:
+                if self._tar_error(exc if url in str(exc) else type(exc)(f"{url}: {exc}")):
+                    continue
+            yield {"url": url, "stream": stream}
 
     def _fail(self, kind: str, reason: object) -> None:
         self.skipped[kind] += 1
@@ -418,8 +430,9 @@ class TrainEpisodes(IterableDataset):
         entropy = self.entropy(role)
         self._unreported, self._failures, self._last, self._progress = 0, 0, "", time.monotonic()
         skip = self._to_skip(role, workers)
-        shards = self._resampled(_py_random(entropy, _KEY_SHARDS))  # 1. resampled shards
-        samples = wds.tarfile_to_samples(handler=self._tar_error)(shards)  # 2. tar -> raw samples
+        shards = self._opened(self._resampled(_py_random(entropy, _KEY_SHARDS)))  # 1. resampled shards
+        files = wds.tariterators.tar_file_expander(shards, handler=self._tar_error)  # 2. tar -> raw samples
+        samples = wds.tariterators.group_by_keys(files, handler=self._tar_error)
         items = self._items(samples, _rng(entropy, _KEY_CLASS), _rng(entropy, _KEY_POOL))  # 3.-5. pools, items
         shuffle = wds.shuffle(
             self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=_py_random(entropy, _KEY_SHUFFLE)
