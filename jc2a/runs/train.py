@@ -188,6 +188,22 @@ def save_checkpoint(accelerator, target: Path, state: TrainState, keep: Optional
     return target
 
 
+def load_checkpoint(accelerator, checkpoint: Path, rank: int) -> None:
+    """`accelerator.load_state` (torch.load with weights_only=True: a checkpoint is data, a pickle that would run
+    code is refused) and this rank's RNG; anything unreadable is one ValueError naming the checkpoint."""
+    import pickle
+
+    try:
+        accelerator.load_state(os.fspath(checkpoint))
+        load_rng(checkpoint, rank)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{checkpoint}: checkpoint refused ({type(exc).__name__}: {reason}); it holds something other than "
+            f"plain tensors and numbers, or is damaged: resume from another checkpoint"
+        ) from None
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -308,8 +324,7 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
 
     # 4. resume: weights, optimizer, scheduler, scaler, RNG, data position, step, bank
     if checkpoint is not None:
-        accelerator.load_state(os.fspath(checkpoint))
-        load_rng(checkpoint, rank)
+        load_checkpoint(accelerator, checkpoint, rank)
         state = TrainState.load(checkpoint / STATE_FILE)
         if state.total_steps != total_steps:
             raise ConfigError(f"{checkpoint}: planned for {state.total_steps} steps, this config plans {total_steps}")
@@ -514,4 +529,13 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["TrainState", "add_arguments", "checkpoint_dirs", "find_resume", "run", "train", "validate"]
+__all__ = [
+    "TrainState",
+    "add_arguments",
+    "checkpoint_dirs",
+    "find_resume",
+    "load_checkpoint",
+    "run",
+    "train",
+    "validate",
+]
