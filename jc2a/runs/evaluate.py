@@ -1,0 +1,406 @@
+"""`jc2a eval`: a trained model at the paper's protocol (SPEC §4): results.json, results.md, figures, MLflow.
+
+Launch (each process takes its share of the fixed episode list; the sums are all-reduced, so the numbers do not
+depend on the number of processes):
+
+    jc2a eval --checkpoint runs/coco-f0                        # its fold, 1- and 5-shot, the config's eval seeds
+    jc2a eval --checkpoint 'runs/coco-f{fold}' --folds 0 1 2 3 --seeds 0 1 2 3 4   # Table 2, mean ± std
+    jc2a eval --checkpoint runs/coco-f0 --config configs/coco20i.yaml data.shards=/data/coco   # data elsewhere
+    accelerate launch -m jc2a eval --checkpoint runs/coco-f0 --no-progress      # N GPUs or processes
+    torchrun --nproc_per_node 4 -m jc2a eval --checkpoint runs/coco-f0
+
+A model is evaluated on the novel classes of the fold it was trained on, and only there: several folds need a
+checkpoint path holding `{fold}`. What it writes in `--out` (default `<run>/eval`, or `./eval` for a bare model
+file or a `{fold}` path): results.json, results.md (laid out like the paper's Tables 1-2, the paper's numbers
+beside ours where the setting matches), metrics.jsonl and figures/episode-<n>.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from jc2a.config import Config, ConfigError, to_dict
+from jc2a.data.episodes import eval_loader, open_shards
+from jc2a.data.transforms import canvas_size
+from jc2a.folds import novel_classes
+from jc2a.metrics import IGNORE, FewShotIoU, score_at_original_size
+from jc2a.runs.common import (
+    RunLog,
+    close_accelerator,
+    load_trained_model,
+    make_accelerator,
+    mlflow_params,
+    resolve_checkpoint,
+    run_name,
+    setup_logging,
+    tracking_uri,
+)
+from jc2a.runs.preview import to_rgb
+from jc2a.runs.report import summarize, variant, write_results
+
+log = logging.getLogger("jc2a.runs")
+
+FOLD = "{fold}"
+ALL_FOLDS = (0, 1, 2, 3)
+
+
+# --------------------------------------------------------------------------- checkpoints per fold
+
+
+def checkpoint_for(checkpoint: Union[str, os.PathLike], fold: Optional[int]) -> str:
+    """The checkpoint of `fold`: `{fold}` in the path replaced by the fold number."""
+    text = os.fspath(checkpoint)
+    return text.replace(FOLD, str(fold)) if fold is not None else text
+
+
+def trained_on(checkpoint: Union[str, os.PathLike]) -> tuple[str, int]:
+    """(dataset, fold) a model file was trained on, from the config stored in its metadata."""
+    from safetensors import safe_open
+
+    model_file, _ = resolve_checkpoint(checkpoint)
+    try:
+        with safe_open(os.fspath(model_file), framework="pt", device="cpu") as f:
+            data = yaml.safe_load((f.metadata() or {})["config"])["data"]
+        return str(data["dataset"]), int(data["fold"])
+    except Exception as exc:  # not safetensors, or no jc2a metadata: load_trained_model says which
+        raise ValueError(f"{model_file}: not a jc2a model file (no training config in its metadata: {exc})") from None
+
+
+def plan_folds(checkpoint: Union[str, os.PathLike], folds: Optional[Sequence[int]]) -> list[Optional[int]]:
+    """The folds to evaluate: `--folds`, all four for a `{fold}` checkpoint, else [None] (the config's fold).
+
+    Raises:
+        ValueError: several folds with a checkpoint that is not a `{fold}` template (a model trained on one fold
+            has seen the others' novel classes as base classes).
+    """
+    template = FOLD in os.fspath(checkpoint)
+    folds = list(dict.fromkeys(int(f) for f in folds)) if folds else None
+    for f in folds or ():
+        if f not in ALL_FOLDS:
+            raise ValueError(f"--folds {f}: folds are 0, 1, 2 and 3")
+    if folds and len(folds) > 1 and not template:
+        raise ValueError(
+            f"--folds {' '.join(map(str, folds))} with --checkpoint {checkpoint}: a model is trained on one fold and "
+            f"evaluated on that fold's novel classes only; give a checkpoint path with {FOLD} "
+            f"(e.g. runs/coco-f{FOLD}) to evaluate one model per fold"
+        )
+    if template and not folds:
+        return list(ALL_FOLDS)
+    return folds or [None]
+
+
+def load_for_fold(
+    checkpoint: Union[str, os.PathLike],
+    fold: Optional[int],
+    configs: Optional[Sequence[Union[str, os.PathLike]]] = None,
+    overrides: Iterable[str] = (),
+) -> tuple[torch.nn.Module, Config]:
+    """The trained model of `fold` (None: the config's fold) and its config, refused with one line when it was
+    trained on another dataset or fold than the one it would be evaluated on."""
+    path = checkpoint_for(checkpoint, fold)
+    overrides = [*overrides, *([f"data.fold={fold}"] if fold is not None else [])]
+    model, cfg = load_trained_model(path, configs, overrides)
+    dataset, trained = trained_on(path)
+    if (dataset, trained) != (cfg.data.dataset, cfg.data.fold):
+        model_file, _ = resolve_checkpoint(path)
+        raise ConfigError(
+            f"{model_file}: trained on {dataset} fold {trained}, asked to evaluate {cfg.data.dataset} fold "
+            f"{cfg.data.fold}: a model is scored on its own fold's novel classes only (use --folds {trained}, or a "
+            f"--checkpoint path with {FOLD})"
+        )
+    return model, cfg
+
+
+# --------------------------------------------------------------------------- one (fold, shot, seed)
+
+
+@torch.no_grad()
+def evaluate_episodes(
+    accelerator,
+    model: torch.nn.Module,
+    cfg: Config,
+    shards,
+    seed: int,
+    episodes: int,
+    figures: int = 0,
+    progress: bool = False,
+    desc: str = "eval",
+) -> tuple[dict, list[dict]]:
+    """mIoU / FB-IoU of this process's share of the fold's episode list `seed` (K = `cfg.data.shot`), all-reduced
+    over the processes: `FewShotIoU.compute()`'s dict, the same on every rank, and the figure material of the
+    episodes numbered below `figures` that this rank ran (`episode_panels`)."""
+    from tqdm import tqdm
+
+    model.eval()
+    device = accelerator.device
+    meter = FewShotIoU(novel_classes(cfg.data.dataset, cfg.data.fold))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    loader = eval_loader(cfg, seed, rank, world, batch_size=1, shards=shards, episodes=episodes)
+    items = []
+    bar = tqdm(total=len(loader), desc=desc, unit="episode", disable=not progress, leave=False)
+    for batch in loader:
+        # 1. forward on the S x S canvas under the accelerator's autocast; K supports fused by the model
+        episode = int(batch["episode"][0])
+        want = episode < figures  # the figures' episodes also return CKMM's map: the same forward
+        query, supports = batch["query_img"].to(device), batch["support_imgs"].to(device)
+        with accelerator.autocast():
+            out = model(query, supports, batch["support_masks"].to(device), return_maps=want)
+        logits = out.logits if want else out
+        # 2. scored at the query's original resolution (SPEC §4), summed per class
+        pred, target = score_at_original_size(logits[0], batch["query_label"][0].to(device))
+        meter.update(pred, target, batch["class_id"])
+        # 3. what the figure of this episode shows
+        if want:
+            items.append(episode_panels(batch, out, pred, target, cfg.data.image_size))
+        bar.update(1)
+        bar.set_postfix(miou=f"{meter.compute()['miou']:.1f}")
+    bar.close()
+    meter.all_reduce()
+    return meter.compute(), items
+
+
+def episode_panels(batch: dict, out, pred: torch.Tensor, target: torch.Tensor, size: int) -> dict:
+    """Numpy material of one episode's figure (see `figures.save_prediction_figure`): the canvas images and masks,
+    the canvas prediction, the class-agnostic map (CKMM's, else PFENet's prior, else the foreground probability)
+    upsampled to the canvas, and the episode's foreground IoU at the original resolution."""
+    label = batch["query_label"][0]
+    maps = out.maps
+    if "ckmm" in maps:
+        name, heat = "CKMM map", maps["ckmm"]
+    elif "prior" in maps:
+        name, heat = "PFENet prior", maps["prior"]
+    else:
+        name, heat = "foreground probability", maps["foreground"][:, None]
+    heat = F.interpolate(heat[:1].float(), size=(size, size), mode="bilinear", align_corners=True)[0, 0]
+    valid = target != IGNORE
+    inter = int(((pred == 1) & (target == 1) & valid).sum())
+    union = int((((pred == 1) | (target == 1)) & valid).sum())
+    return {
+        "episode": int(batch["episode"][0]),
+        "class_id": int(batch["class_id"][0]),
+        "query_key": batch["query_key"][0],
+        "support_keys": list(batch["support_keys"][0]),
+        "query": to_rgb(batch["query_img"][0].cpu()),
+        "query_mask": batch["query_mask"][0].cpu().numpy(),
+        "region": canvas_size(int(label.shape[0]), int(label.shape[1]), size),
+        "supports": np.stack([to_rgb(s) for s in batch["support_imgs"][0].cpu()]),
+        "support_masks": batch["support_masks"][0].cpu().numpy(),
+        "prediction": out.logits[0].argmax(0).to(torch.uint8).cpu().numpy(),
+        "heat": heat.clamp(0, 1).cpu().numpy(),
+        "heat_name": name,
+        "iou": 100.0 * inter / max(union, 1),
+    }
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def default_out(checkpoint: Union[str, os.PathLike]) -> Path:
+    """`<run>/eval` for a run folder, else `./eval` (a bare model file, or a `{fold}` template)."""
+    path = Path(os.fspath(checkpoint))
+    return path / "eval" if FOLD not in os.fspath(checkpoint) and path.is_dir() else Path("eval")
+
+
+def evaluate(
+    checkpoint: Union[str, os.PathLike],
+    configs: Optional[Sequence[Union[str, os.PathLike]]] = None,
+    overrides: Iterable[str] = (),
+    shots: Sequence[int] = (1, 5),
+    folds: Optional[Sequence[int]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    episodes: Optional[int] = None,
+    out: Optional[Union[str, os.PathLike]] = None,
+    figures: int = 4,
+    progress: bool = True,
+) -> dict:
+    """Evaluate a trained model per (fold, shot, seed) and write the reports; returns results.json's content.
+
+    Args:
+        checkpoint: a model file or run folder; `{fold}` in it is replaced by each fold.
+        configs: config files to use instead of the run's (overrides apply last).
+        overrides: dotted key=value overrides.
+        shots: K of each evaluation (a model trained 1-shot serves any K: decision-level fusion).
+        folds: default: all four for a `{fold}` checkpoint, else the checkpoint config's fold.
+        seeds: episode lists; default `data.eval_seeds`.
+        episodes: episodes per (fold, shot, seed); default `data.eval_episodes`.
+        out: report folder; default `default_out(checkpoint)`.
+        figures: pictures of the first `figures` episodes of the first (fold, shot, seed).
+        progress: the main process's progress bar.
+    """
+    from accelerate.utils import gather_object
+
+    from jc2a.runs.figures import save_figures
+
+    # 1. what to run: every fold's checkpoint is checked before anything runs
+    setup_logging()
+    overrides = list(overrides)
+    plan = plan_folds(checkpoint, folds)
+    for fold in plan[1:]:
+        resolve_checkpoint(checkpoint_for(checkpoint, fold))
+    model, cfg = load_for_fold(checkpoint, plan[0], configs, overrides)
+    shots = [int(k) for k in dict.fromkeys(shots)]
+    seeds = [int(s) for s in dict.fromkeys(seeds if seeds else cfg.data.eval_seeds)]
+    episodes = int(episodes if episodes is not None else cfg.data.eval_episodes)
+    if min(shots) < 1 or episodes < 1 or figures < 0:
+        raise ValueError(
+            f"--shots must be >= 1, --episodes >= 1 and --figures >= 0 (got {shots}, {episodes}, {figures})"
+        )
+    out = Path(out) if out is not None else default_out(checkpoint)
+
+    # 2. the Accelerator (processes, device, autocast) and tracking
+    tracking = cfg.train.tracking == "mlflow"
+    run_dir = Path(checkpoint_for(checkpoint, plan[0]))
+    run_dir = run_dir if run_dir.is_dir() else out
+    if tracking:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri(run_dir))
+    artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else run_dir.resolve().parent / "mlartifacts"
+    accelerator = make_accelerator(cfg, tracking=tracking, logging_dir=artifacts)
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in (out / "figures").glob("episode-*.png"):
+            stale.unlink()
+    accelerator.wait_for_everyone()
+    runlog = RunLog(accelerator, out, tracking)
+    tags = {"jc2a.kind": "eval", "jc2a.checkpoint": os.fspath(checkpoint), "jc2a.processes": str(world)}
+    runlog.start(cfg.train.experiment or cfg.data.dataset, "eval-" + run_name(cfg, variant(cfg)), mlflow_params(cfg),
+                 None, tags)  # fmt: skip
+
+    # 3. every (fold, shot, seed); the first one's first episodes also become figures
+    rows, panels, checkpoints, first_cfg, title, class_names = [], [], {}, cfg, "", {}
+    for n, fold in enumerate(plan):
+        if n > 0:
+            model, cfg = load_for_fold(checkpoint, fold, configs, overrides)
+        model.to(accelerator.device).eval()
+        shards = open_shards(cfg, cfg.data.val_split)
+        checkpoints[str(cfg.data.fold)] = os.fspath(resolve_checkpoint(checkpoint_for(checkpoint, fold))[0])
+        for shot in shots:
+            for seed in seeds:
+                setting = copy.deepcopy(cfg)
+                setting.data.shot = shot
+                want = figures if not rows else 0
+                name = f"fold {setting.data.fold} {shot}-shot seed {seed}"
+                result, items = evaluate_episodes(
+                    accelerator, model, setting, shards, seed, episodes, want, progress and main, name
+                )
+                rows.append(_row(setting, seed, result))
+                runlog.log(_row_metrics(rows[-1]), step=0)
+                if main:
+                    log.info("%s: mIoU %.2f, FB-IoU %.2f (%d episodes)", name, result["miou"], result["fbiou"],
+                             result["episodes"])  # fmt: skip
+                if want:
+                    panels = gather_object(items) if world > 1 else items
+                    title, class_names = f"{setting.data.dataset} {name}", dict(shards.class_names)
+        shards.close()
+        accelerator.free_memory(model)
+        model = None
+
+    # 4. reports (main process): results.json, results.md, figures; the same to MLflow
+    results: dict[str, Any] = {
+        "rows": rows,
+        "summary": summarize(rows),
+        "config": to_dict(first_cfg),
+        "checkpoint": os.fspath(checkpoint),
+        "checkpoints": checkpoints,
+        "shots": shots,
+        "seeds": seeds,
+        "processes": world,
+    }
+    if main:
+        written = save_figures(panels, out / "figures", class_names, title) if panels else []
+        results["figures"] = [p.name for p in written]
+        for path in write_results(out, results):
+            runlog.artifact(path)
+        if written:
+            runlog.artifact(out / "figures", "figures")
+        for s in results["summary"]:
+            key = f"{s['shot']}shot"
+            runlog.log({f"miou/{key}/mean": s["miou_mean"], f"miou/{key}/std": s["miou_std"],
+                        f"fbiou/{key}/mean": s["fbiou_mean"], f"fbiou/{key}/std": s["fbiou_std"]}, step=0)  # fmt: skip
+    close_accelerator(accelerator)
+    return results
+
+
+def _row(cfg: Config, seed: int, result: dict) -> dict:
+    """A results.json row: the setting and its numbers (percent)."""
+    return {
+        "dataset": cfg.data.dataset,
+        "fold": cfg.data.fold,
+        "shot": cfg.data.shot,
+        "seed": seed,
+        "episodes": result["episodes"],
+        "miou": result["miou"],
+        "fbiou": result["fbiou"],
+        "class_iou": {str(c): v for c, v in result["class_iou"].items()},
+        "missing": result["missing"],
+        "backbone": cfg.model.backbone.name,
+        "method": variant(cfg),
+        "image_size": cfg.data.image_size,
+        "protocol": cfg.data.protocol,
+    }
+
+
+def _row_metrics(row: dict) -> dict[str, float]:
+    where = f"fold{row['fold']}/{row['shot']}shot/seed{row['seed']}"
+    return {f"miou/{where}": row["miou"], f"fbiou/{where}": row["fbiou"]}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", action="append", default=None, help="YAML config instead of the run's (repeat)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="model.safetensors or a run folder (its model.safetensors and config.yaml); {fold} is replaced by each "
+        "fold, e.g. runs/coco-f{fold}",
+    )
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="K supports (default: 1 5)")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="folds (default: the checkpoint's own; all four for a {fold} checkpoint); several need {fold}",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="episode lists (default: data.eval_seeds)")
+    parser.add_argument("--episodes", type=int, default=None, help="episodes per fold and seed (data.eval_episodes)")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default <run>/eval, else ./eval)")
+    parser.add_argument("--figures", type=int, default=4, help="figures of the first N episodes (default 4)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, applied last (e.g. data.shards=...)")
+
+
+def run(args) -> int:
+    results = evaluate(
+        args.checkpoint,
+        configs=args.config,
+        overrides=args.overrides,
+        shots=args.shots,
+        folds=args.folds,
+        seeds=args.seeds,
+        episodes=args.episodes,
+        out=args.out,
+        figures=args.figures,
+        progress=not args.no_progress,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        for s in results["summary"]:
+            print(f"{s['dataset']} {s['backbone']} {s['shot']}-shot, folds {s['folds']}, seeds {s['seeds']}: "
+                  f"mIoU {s['miou_mean']:.2f} ± {s['miou_std']:.2f}, FB-IoU {s['fbiou_mean']:.2f} ± "
+                  f"{s['fbiou_std']:.2f}")  # fmt: skip
+        out = Path(args.out) if args.out is not None else default_out(args.checkpoint)
+        print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {len(results.get('figures', []))} figures")
+    return 0
+
+
+__all__ = ["add_arguments", "evaluate", "evaluate_episodes", "load_for_fold", "plan_folds", "run", "trained_on"]

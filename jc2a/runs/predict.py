@@ -1,0 +1,344 @@
+"""`jc2a predict` and `Predictor`: segment your own query images from K annotated support images.
+
+    jc2a predict --checkpoint runs/coco-f0 --support dog1.jpg:dog1.png --support dog2.jpg:dog2.png \\
+        --query park.jpg --query street.jpg --out predictions/
+
+    from jc2a import Predictor
+    predictor = Predictor.from_checkpoint("runs/coco-f0")
+    result = predictor.predict(query, [support], [mask])   # PIL images or numpy RGB uint8 HxWx3, masks HxW
+    result.mask          # uint8 0/1 [H, W] at the query's size
+    result.probability   # float32 [H, W] foreground probability
+
+Preprocessing is exactly the evaluation's (SPEC §1, §4): query and supports on PFENet's uint8 test canvas
+(`TestResize`), the logits upsampled bilinearly to a square of the query's longer side (as
+`score_at_original_size`) and cropped to the query's h x w, so the mask keeps the query's size and orientation.
+All supports go into one forward: K-shot decision-level fusion. Files are read ignoring EXIF orientation, as the
+shards are (cv2 IMREAD_IGNORE_ORIENTATION; PIL does not rotate either): a photo a viewer shows rotated is
+segmented as stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jc2a.config import Config
+from jc2a.data.transforms import TestResize
+from jc2a.metrics import IGNORE
+
+ImageLike = Union[np.ndarray, "PIL.Image.Image"]  # noqa: F821
+
+MASK_HELP = (
+    "support masks: a mask whose only values are 0 and 255 is a binary 0/255 mask (255 = object); otherwise 0 is "
+    "background, 255 is ignore and any other value (1, a palette index, a class id) is the object. Palette PNGs are "
+    "read as their indices; colour masks as black = background, white = 255, any other colour = object."
+)
+
+
+@dataclass
+class Prediction:
+    """A query's prediction at its own size: `mask` uint8 0/1 `[H, W]`, `probability` float32 `[H, W]`."""
+
+    mask: np.ndarray
+    probability: np.ndarray
+
+    def __getitem__(self, key: str) -> np.ndarray:  # result["mask"] works too
+        return getattr(self, key)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
+    """An image file as RGB `uint8 [H, W, 3]`, EXIF orientation ignored (as the shards); one-line errors."""
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image not found")
+    data = np.fromfile(path, np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    if image is None:
+        raise ValueError(f"{path}: unreadable image ({data.size} bytes)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: Union[str, os.PathLike]) -> np.ndarray:
+    """A mask file as `[H, W]` values (palette PNGs as their indices), not yet binarised (`support_mask`)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: mask not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return mask_array(img, str(path))
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{path}: unreadable mask ({exc})") from None
+
+
+def image_array(image: ImageLike, name: str) -> np.ndarray:
+    """A PIL image or numpy array as RGB `uint8 [H, W, 3]` (grey `[H, W]` repeated; an alpha channel dropped)."""
+    if not isinstance(image, np.ndarray):
+        if not hasattr(image, "convert"):
+            raise ValueError(f"{name}: expected a PIL image or a numpy array, got {type(image).__name__}")
+        image = np.asarray(image.convert("RGB"))
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+        raise ValueError(f"{name}: expected RGB uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
+    return np.ascontiguousarray(image[..., :3])
+
+
+def mask_array(mask: Union[np.ndarray, Any], name: str) -> np.ndarray:
+    """A PIL image or array as mask values `[H, W]`: palette indices, grey values; colour: black 0, white 255,
+    any other colour 1."""
+    if not isinstance(mask, np.ndarray):
+        if not hasattr(mask, "mode"):
+            raise ValueError(f"{name}: expected a PIL image or a numpy array, got {type(mask).__name__}")
+        if mask.mode in ("RGB", "RGBA"):
+            mask = np.asarray(mask.convert("RGB"))
+        elif mask.mode in ("P", "L", "1", "LA", "PA"):
+            mask = np.asarray(mask)[..., 0] if mask.mode in ("LA", "PA") else np.asarray(mask)
+        else:
+            mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[2] in (3, 4):
+        rgb = mask[..., :3]
+        grey = rgb[..., 0]
+        mask = np.where((rgb == grey[..., None]).all(axis=2), grey, 1)
+    if mask.ndim != 2:
+        raise ValueError(f"{name}: expected a mask [H, W], got shape {list(mask.shape)}")
+    if mask.dtype == bool:
+        mask = mask.astype(np.uint8)
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"{name}: expected an integer mask, got {mask.dtype}")
+    return mask
+
+
+def support_mask(values: np.ndarray, name: str) -> np.ndarray:
+    """Mask values `[H, W]` -> uint8 1 object / 0 background / 255 ignore (see `MASK_HELP`).
+
+    Raises:
+        ValueError: no object pixel.
+    """
+    present = np.unique(values)
+    if set(present.tolist()) <= {0, 255}:  # a binary 0/255 mask: 255 is the object
+        out = (values == 255).astype(np.uint8)
+    else:
+        out = (values != 0).astype(np.uint8)
+        out[values == IGNORE] = IGNORE
+    if not (out == 1).any():
+        raise ValueError(f"{name}: empty mask (no object pixel; values {present.tolist()[:8]})")
+    return out
+
+
+# --------------------------------------------------------------------------- the predictor
+
+
+class Predictor:
+    """A trained JC2A that segments queries given K supports, preprocessing as the evaluation does.
+
+    Args:
+        model: the network (`load_trained_model`); any module with JC2A's forward works.
+        cfg: its config (`data.image_size`, `train.mixed_precision`).
+        device: where to run (default: CUDA when available, else CPU).
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, device: Optional[Union[str, torch.device]] = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.cfg = cfg
+        self.size = cfg.data.image_size
+        self.canvas = TestResize(self.size)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: Union[str, os.PathLike],
+        device: Optional[Union[str, torch.device]] = None,
+        configs: Optional[Sequence[Union[str, os.PathLike]]] = None,
+        overrides: Sequence[str] = (),
+    ) -> Predictor:
+        """A predictor from a model file or run folder (a ConfigError names the file of an incompatible config)."""
+        from jc2a.runs.common import load_trained_model
+
+        model, cfg = load_trained_model(checkpoint, configs, overrides)
+        return cls(model, cfg, device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """The evaluation's precision: `train.mixed_precision`, fp16 only on CUDA (fp32 on a CPU, as accelerate)."""
+        precision = self.cfg.train.mixed_precision
+        if precision == "bf16" or (precision == "fp16" and self.device.type == "cuda"):
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def prepare_supports(
+        self,
+        supports: Sequence[ImageLike],
+        masks: Sequence[Any],
+        names: Optional[Sequence[str]] = None,
+        mask_names: Optional[Sequence[str]] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Supports and masks on the test canvas: `[1, K, 3, S, S]` uint8 and `[1, K, S, S]` 0/1/255.
+
+        `names` and `mask_names` name the inputs in error messages (default "support 1", "support 1 mask").
+        """
+        if len(supports) != len(masks) or not supports:
+            raise ValueError(f"need one mask per support and at least one support, got {len(supports)}, {len(masks)}")
+        names = list(names) if names else [f"support {k + 1}" for k in range(len(supports))]
+        mask_names = list(mask_names) if mask_names else [f"{name} mask" for name in names]
+        imgs, targets = [], []
+        for image, mask, name, mask_name in zip(supports, masks, names, mask_names):
+            image = image_array(image, name)
+            values = mask_array(mask, mask_name)
+            if values.shape != image.shape[:2]:
+                raise ValueError(
+                    f"{mask_name}: the mask is {values.shape[1]}x{values.shape[0]}, its image {name} is "
+                    f"{image.shape[1]}x{image.shape[0]} (width x height); they must match"
+                )
+            canvas, target = self.canvas(image, support_mask(values, mask_name))
+            imgs.append(torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1))))
+            targets.append(torch.from_numpy(target))
+        return torch.stack(imgs)[None], torch.stack(targets)[None]
+
+    @torch.no_grad()
+    def predict(
+        self,
+        query: Union[ImageLike, Sequence[ImageLike]],
+        supports: Sequence[ImageLike],
+        masks: Sequence[Any],
+        names: Optional[Sequence[str]] = None,
+    ) -> Union[Prediction, list[Prediction]]:
+        """Segment `query` (or each of a list of queries) with the K `supports` and their `masks`.
+
+        Args:
+            query: RGB uint8 `[H, W, 3]` array or PIL image; or a list of them (a list of predictions returned).
+            supports: K RGB images, any sizes.
+            masks: K masks `[H_k, W_k]` (arrays or PIL images, palette PNGs as indices), read as `MASK_HELP` says.
+            names: names of the supports for error messages (default "support 1", ...).
+        """
+        if isinstance(query, (list, tuple)):
+            prepared = self.prepare_supports(supports, masks, names)
+            return [self.predict_one(q, prepared, f"query {i + 1}") for i, q in enumerate(query)]
+        return self.predict_one(query, self.prepare_supports(supports, masks, names), "query")
+
+    @torch.no_grad()
+    def predict_one(
+        self, query: ImageLike, prepared: tuple[torch.Tensor, torch.Tensor], name: str = "query"
+    ) -> Prediction:
+        """One query with supports from `prepare_supports` (prepared once for many queries)."""
+        # 1. the query on the test canvas (uint8), supports already there
+        image = image_array(query, name)
+        h, w = image.shape[:2]
+        canvas, _ = self.canvas(image, np.zeros((h, w), np.uint8))
+        q = torch.from_numpy(np.ascontiguousarray(canvas.transpose(2, 0, 1)))[None].to(self.device)
+        s, m = (t.to(self.device) for t in prepared)
+        # 2. one forward with all K supports (decision-level fusion inside the model)
+        with self._autocast():
+            logits = self.model(q, s, m)
+        # 3. as score_at_original_size: bilinear to the longer side's square, then the query's h x w
+        side = max(h, w)
+        up = F.interpolate(logits[:1].float(), size=(side, side), mode="bilinear", align_corners=True)[0]
+        mask = up.argmax(dim=0)[:h, :w].to(torch.uint8)
+        probability = up.softmax(dim=0)[1, :h, :w]
+        return Prediction(mask.cpu().numpy(), probability.cpu().numpy().astype(np.float32))
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def split_support(text: str) -> tuple[Path, Path]:
+    """`IMG:MASK` -> (image, mask); the split is at the colon after an existing image path when there are several."""
+    if ":" not in text:
+        raise ValueError(f"--support {text}: expected IMG:MASK (an image and its mask, joined by ':')")
+    cuts = [i for i, c in enumerate(text) if c == ":" and 0 < i < len(text) - 1]
+    for i in cuts:
+        if Path(text[:i]).is_file():
+            return Path(text[:i]), Path(text[i + 1 :])
+    if not cuts:
+        raise ValueError(f"--support {text}: expected IMG:MASK with both paths non-empty")
+    return Path(text[: cuts[0]]), Path(text[cuts[0] + 1 :])
+
+
+def output_names(queries: Sequence[Path]) -> list[str]:
+    """File stems for the outputs; repeated stems get `-2`, `-3`..."""
+    seen: dict[str, int] = {}
+    names = []
+    for q in queries:
+        seen[q.stem] = seen.get(q.stem, 0) + 1
+        names.append(q.stem if seen[q.stem] == 1 else f"{q.stem}-{seen[q.stem]}")
+    return names
+
+
+def save_prediction(out: Path, name: str, image: np.ndarray, result: Prediction) -> list[Path]:
+    """`<name>_mask.png` (0/255), `<name>_overlay.png`, `<name>_prob.png` (8-bit grey) and `<name>_prob.npy`."""
+    import cv2
+
+    from jc2a.runs.preview import overlay
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "mask": (out / f"{name}_mask.png", result.mask * np.uint8(255)),
+        "overlay": (out / f"{name}_overlay.png", cv2.cvtColor(overlay(image, result.mask), cv2.COLOR_RGB2BGR)),
+        "prob": (out / f"{name}_prob.png", np.round(result.probability * 255).astype(np.uint8)),
+    }
+    for path, array in files.values():
+        if not cv2.imwrite(os.fspath(path), array):
+            raise OSError(f"{path}: could not be written")
+    npy = out / f"{name}_prob.npy"
+    np.save(npy, result.probability.astype(np.float32))
+    return [p for p, _ in files.values()] + [npy]
+
+
+def add_arguments(parser) -> None:
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        MASK_HELP + "\n\nImages are read ignoring EXIF orientation (as the training shards): a photo is segmented as "
+        "stored, and each output has the query's stored size and orientation."
+    )
+    parser.add_argument("--checkpoint", required=True, help="model.safetensors or a run folder")
+    parser.add_argument("--config", action="append", default=None, help="YAML config instead of the run's (repeat)")
+    parser.add_argument(
+        "--support",
+        action="append",
+        required=True,
+        metavar="IMG:MASK",
+        help="a support image and its mask (repeat for K shots; all go into one forward). " + MASK_HELP,
+    )
+    parser.add_argument("--query", action="append", required=True, metavar="IMG", help="a query image (repeat)")
+    parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default ./predictions)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+
+
+def run(args) -> int:
+    # 1. every input is read and checked before the model is loaded
+    pairs = [split_support(text) for text in args.support]
+    supports = [read_image(image) for image, _ in pairs]
+    masks = [read_mask(mask) for _, mask in pairs]
+    queries = [Path(q) for q in args.query]
+    images = [read_image(q) for q in queries]
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.config, args.overrides)
+    names = [os.fspath(image) for image, _ in pairs]
+    prepared = predictor.prepare_supports(supports, masks, names, [os.fspath(mask) for _, mask in pairs])
+    # 2. one query at a time (their sizes differ), the supports prepared once
+    for query, image, name in zip(queries, images, output_names(queries)):
+        result = predictor.predict_one(image, prepared, os.fspath(query))
+        save_prediction(args.out, name, image, result)
+        share = float(result.mask.mean()) * 100
+        print(f"{query} -> {args.out / name}_mask.png ({image.shape[1]}x{image.shape[0]}, {share:.1f}% object)")
+    return 0
+
+
+__all__ = ["MASK_HELP", "Prediction", "Predictor", "add_arguments", "read_image", "read_mask", "run", "support_mask"]
