@@ -252,6 +252,13 @@ def bench_data(args: argparse.Namespace) -> Report:
     return Report("Data: shard writing and episode loaders", rows, notes)
 
 
+def bench_eval(args: argparse.Namespace) -> Report:
+    """Evaluation episodes/s at the original resolution against the backbone floor (jc2a/runs/bench_eval.py)."""
+    from jc2a.runs.bench_eval import bench_eval as measure
+
+    return measure(args)
+
+
 # --------------------------------------------------------------------------- sections and command
 
 # name -> section, a function `(args) -> Report`. A section measures its variants side by side in the same
@@ -261,6 +268,7 @@ def bench_data(args: argparse.Namespace) -> Report:
 SECTIONS: Dict[str, Callable[[argparse.Namespace], Report]] = {
     "hpam": bench_hpam,
     "data": bench_data,
+    "eval": bench_eval,
 }
 
 
