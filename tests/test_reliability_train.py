@@ -242,13 +242,13 @@ def test_broken_records_mid_stream_are_skipped_and_counted(broken, bank, tmp_pat
     assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
 
 
-def test_a_broken_record_in_the_bank_pass_is_one_clear_error(broken, tmp_path, capsys):
+def test_a_broken_record_in_the_bank_pass_is_skipped_and_counted(broken, tmp_path, caplog):
     shards, keys = broken
     run = tmp_path / "run"
-    assert main(train_cli(shards, run, None, "train.max_steps=1", "data.num_workers=0")) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert any(k in line for k in keys), line  # names the record the bank pass could not decode
-    assert not (run / "checkpoints").exists() and not (run / "bank.safetensors").exists()
+    out = run_train(shards, run, None, "train.max_steps=1", "data.num_workers=0")
+    assert out["step"] == 1 and (run / "bank.safetensors").is_file()
+    assert any(f"CKMM bank: skipped record {k}" in caplog.text for k in keys)  # named, as the stream names them
+    assert "unreadable image(s) of rank 0 skipped" in caplog.text
 
 
 # --------------------------------------------------------------------------- 3. a half-written checkpoint
@@ -294,13 +294,6 @@ def test_a_pickle_in_place_of_checkpoint_safetensors_never_runs(coco_shards, ban
     assert not marker.exists() and not (run / "model.safetensors").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="jc2a/runs/train.py load_checkpoint catches UnpicklingError, RuntimeError, EOFError and KeyError but not "
-    "safetensors.SafetensorError: a checkpoint's model.safetensors or rng-0.safetensors that is not safetensors "
-    "escapes as SafetensorError ('header too large'), which `jc2a train` prints as a traceback (exit 1)",
-)
 @pytest.mark.parametrize("name", ["model.safetensors", "rng-0.safetensors"])
 def test_a_pickle_in_place_of_checkpoint_safetensors_is_one_line(coco_shards, bank, whole, tmp_path, name):
     run = copy_run(whole, tmp_path / "run", [5])

@@ -183,7 +183,9 @@ def test_a_failed_checkpoint_leaves_the_last_one_loadable(coco_shards, tmp_path,
         run_train(coco_shards, run, "train.max_steps=3", "train.save_every=1", "model.backbone.frozen=true")
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-1"]  # no half-written folder
     monkeypatch.setattr(Accelerator, "save_state", real)
-    out = run_train(coco_shards, run, "train.max_steps=3", "train.save_every=1", "model.backbone.frozen=true", resume=True)
+    out = run_train(
+        coco_shards, run, "train.max_steps=3", "train.save_every=1", "model.backbone.frozen=true", resume=True
+    )
     assert out["step"] == 3
 
 

@@ -256,10 +256,19 @@ class BankImages(Dataset):
         return sum(len(cs) for _, cs in self.items)
 
     def __getitem__(self, i: int) -> dict:
+        """The item; a record that cannot be decoded is skipped (an item with no classes, `skipped` 1, and a
+        warning naming it), as the training stream skips it."""
         position, classes = self.items[self.positions[i]]
-        image, label, _ = decode_record(self.shards.read(position))
+        key = self.shards.records[position]["key"]
+        try:
+            image, label, _ = decode_record(self.shards.read(position))
+        except RecordError as exc:
+            log.warning("CKMM bank: skipped %s", exc)
+            size = self.transform.transforms[0].size
+            blank = torch.zeros(3, size, size, dtype=torch.uint8), torch.full((size, size), IGNORE, dtype=torch.uint8)
+            return {"image": blank[0], "label": blank[1], "classes": [], "key": key, "skipped": 1}
         image, label = self.transform(image, label)
-        return {"image": image, "label": label, "classes": list(classes), "key": self.shards.records[position]["key"]}
+        return {"image": image, "label": label, "classes": list(classes), "key": key, "skipped": 0}
 
 
 # --------------------------------------------------------------------------- training

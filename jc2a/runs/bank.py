@@ -50,7 +50,11 @@ def build_bank(accelerator, model, cfg: Config, shards: ShardSet, progress: bool
         unit="img",
         disable=not (progress and accelerator.is_local_main_process),
     )
+    skipped = 0
     for batch in bar:
+        skipped += int(batch["skipped"].sum())
+        if not any(batch["classes"]):  # every image of the batch was unreadable
+            continue
         batch = to_device(batch, accelerator.device)
         # 1. one backbone pass per image, 2. one instance per usable base class of the image (Eq. 11)
         owner = torch.tensor([i for i, cs in enumerate(batch["classes"]) for _ in cs], device=accelerator.device)
@@ -61,6 +65,10 @@ def build_bank(accelerator, model, cfg: Config, shards: ShardSet, progress: bool
     # 3. sums and counts added over the ranks (Eq. 12 divides them on use)
     bank.all_reduce()
     added = int(bank.counts.sum())
+    if skipped:
+        log.warning(
+            "CKMM bank: %d unreadable image(s) of rank %d skipped (named above)", skipped, accelerator.process_index
+        )
     if added != total:
         log.warning(
             "CKMM bank: %d of %d instances added (the others had no target pixel at feature size)", added, total

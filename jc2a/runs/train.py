@@ -190,13 +190,18 @@ def save_checkpoint(accelerator, target: Path, state: TrainState, keep: Optional
 
 def load_checkpoint(accelerator, checkpoint: Path, rank: int) -> None:
     """`accelerator.load_state` (torch.load with weights_only=True: a checkpoint is data, a pickle that would run
-    code is refused) and this rank's RNG; anything unreadable is one ValueError naming the checkpoint."""
+    code is refused; safetensors for the weights) and this rank's RNG (jc2a's own `rng-<rank>.safetensors`: the
+    torch RNG that dropout and P2B's ties draw from). Anything unreadable is one ValueError naming the checkpoint.
+    (accelerate's `random_states_<rank>.pkl` holds Python's and NumPy's global RNG, which jc2a does not use:
+    accelerate skips that file with a log line when it cannot read it weights-only.)"""
     import pickle
+
+    from safetensors import SafetensorError
 
     try:
         accelerator.load_state(os.fspath(checkpoint))
         load_rng(checkpoint, rank)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as exc:
+    except (pickle.UnpicklingError, SafetensorError, RuntimeError, EOFError, KeyError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(
             f"{checkpoint}: checkpoint refused ({type(exc).__name__}: {reason}); it holds something other than "
