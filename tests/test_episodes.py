@@ -368,6 +368,17 @@ def test_a_stalled_shard_server_ends_the_stream(coco_shards, tmp_path, monkeypat
         server.server_close()
 
 
+def test_a_slow_consumer_is_not_a_stalled_stream(toy_cfg):
+    """The bound counts the stream's own time: a training step slower than data.stream_timeout is no failure."""
+    train = ShardSet(toy_cfg.data.shards, "train")
+    transform = train_transform(toy_cfg.data.augment, 65)
+    stream = iter(TrainEpisodes(train, base_classes("coco20i", 0), 1, 200, transform, timeout=1.0, shuffle_buffer=8))
+    for _ in range(3):
+        next(stream)
+        time.sleep(1.5)  # the consumer is busy longer than the timeout
+    assert next(stream)["query_img"].dtype == torch.uint8
+
+
 def test_stream_error_crosses_loader_workers(toy_cfg, coco_shards, tmp_path):
     shutil.copytree(coco_shards, tmp_path / "shards")
     for tar in (tmp_path / "shards").glob("train-*.tar"):

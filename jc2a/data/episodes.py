@@ -501,6 +501,7 @@ class TrainEpisodes(IterableDataset):
             episode["skipped_records"], self._unreported = self._unreported, 0  # summed by EpisodeLoader
             self._failures, self._last, self._progress = 0, "", time.monotonic()
             yield episode
+            self._progress = time.monotonic()  # time spent waiting for the consumer (a slow step) does not count
 
     def _make(self, raw: dict, supports: list[dict], class_id: int, rng: np.random.Generator) -> dict:
         image, label, _ = decode_record(raw)
