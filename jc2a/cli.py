@@ -11,6 +11,7 @@ from jc2a.config import ConfigError
 
 # subcommand -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
+    "config": ("jc2a.runs.config_cmd", "print a resolved config as YAML, or the reference of every key"),
     "toy": ("jc2a.data.toy", "write the built-in procedural toy dataset (COCO or VOC layout)"),
     "shards": ("jc2a.data.shards", "convert COCO 2014 or VOC 2012 + SBD into webdataset shards"),
     "preview": ("jc2a.runs.preview", "stream episodes from shards and save them as pictures"),
@@ -18,6 +19,7 @@ COMMANDS = {
     "train": ("jc2a.runs.train", "train JC2A (accelerate: CPU, 1 GPU, N GPUs, N nodes, DeepSpeed)"),
     "eval": ("jc2a.runs.evaluate", "evaluate a trained model at the paper's protocol: results.json/.md, figures"),
     "predict": ("jc2a.runs.predict", "segment your own query images from K annotated support images"),
+    "demo": ("jc2a.runs.demo", "the main job on the built-in toy data: train, evaluate, show that JC2A learns"),
     "summary": ("jc2a.model.summary", "parameter counts of the paper's Table 3 rows"),
     "bench": ("jc2a.bench", "benchmarks that print ratios measured in one run"),
 }

@@ -39,7 +39,7 @@ class AugmentConfig:
 
     scale: list[float] = field(default_factory=lambda: [0.9, 1.1])  # RandScale range
     rotate: list[float] = field(default_factory=lambda: [-10.0, 10.0])  # RandRotate degrees
-    rotate_p: float = 0.5
+    rotate_p: float = 0.5  # probability of a rotation
     blur_p: float = 0.5  # Gaussian blur 5x5
     flip_p: float = 0.5  # horizontal flip
     crop_retries: int = 30  # random crop retries to keep the target
@@ -54,8 +54,8 @@ class DataConfig:
     fold: int = 0  # 0..3
     shot: int = 1  # K supports per episode
     shards: str = "shards/coco"  # folder or URL holding <split>-%06d.tar and <split>-index.json
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = "train"  # shard name prefix of the training split
+    val_split: str = "val"  # shard name prefix of the evaluation split
     image_size: int = 473  # square crop / canvas; (size - 1) % 8 == 0
     min_pixels: int = 2048  # 2*32*32, PFENet's filter on a usable (image, class) pair
     protocol: str = "pfenet"  # episode semantics: pfenet (the paper's, default) | hsnet
@@ -77,7 +77,7 @@ class DataConfig:
 class BackboneConfig:
     """A timm CNN used as a four-stage, stride-8 feature extractor (SPEC §2 Backbone)."""
 
-    name: str = "resnet50"
+    name: str = "resnet50"  # a timm CNN with four stages and dilation (resnet50, resnet101, ...)
     pretrained: bool = True  # timm's pretrained weights (hub or local file)
     weights: Optional[str] = None  # local weights file, for machines with no hub
     frozen: bool = True  # requires_grad_(False) and kept in eval()
@@ -100,7 +100,7 @@ class HPAMConfig:
 class CKMMConfig:
     """Class-agnostic Knowledge Mining Module (Eqs. 11-13)."""
 
-    enabled: bool = True
+    enabled: bool = True  # CKMM on (its class-agnostic map joins MIA, Eq. 14)
     reduce: str = "mean"  # mean (Eq. 13) | max over the base classes
     bank_file: Optional[str] = None  # a saved prototype bank to reuse
 
@@ -111,7 +111,7 @@ class ModelConfig:
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     feat_dim: int = 256  # C, reduced mid-level feature width
-    dropout: float = 0.5
+    dropout: float = 0.5  # Dropout2d after the mid-level reductions (PFENet)
     bins: list[int] = field(default_factory=lambda: [60, 30, 15, 8])  # pyramid bins for a 473 input
     hpam: HPAMConfig = field(default_factory=HPAMConfig)
     ckmm: CKMMConfig = field(default_factory=CKMMConfig)
@@ -124,13 +124,13 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and run bookkeeping (SPEC §3)."""
 
-    seed: int = 321
-    output_dir: str = "runs/default"
+    seed: int = 321  # initial weights and every episode stream
+    output_dir: str = "runs/default"  # the run folder: config, bank, checkpoints, model, metrics
     epochs: int = 50  # PFENet: 50 (COCO), 200 (PASCAL)
     batch_size: int = 4  # per process
     lr: float = 2.5e-3  # the paper's figure (PFENet's code configures 2.5e-4 and multiplies by 10)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD
+    weight_decay: float = 1e-4  # SGD
     power: float = 0.9  # poly schedule
     mixed_precision: str = "fp16"  # no | fp16 | bf16 (accelerate)
     max_steps: int = 0  # optimizer steps in all; 0 = epochs x batches per epoch. Fixes the poly schedule
@@ -492,3 +492,40 @@ def save_config(cfg: Config, path: Union[str, os.PathLike]) -> Path:
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     os.replace(tmp, path)
     return path
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_markdown() -> str:
+    """Every key of the configuration with its type, default and the comment beside its field in this module,
+    as a markdown table: the README's config reference is this text (a test keeps the two equal)."""
+    import inspect
+    import re
+
+    def comments(cls: type) -> dict[str, str]:
+        found = {}
+        for line in inspect.getsource(cls).splitlines():
+            match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+            if match:
+                found[match.group(1)] = match.group(2).strip()
+        return found
+
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(cls: type, obj: Any, prefix: str) -> None:
+        hints, notes = typing.get_type_hints(cls), comments(cls)
+        for f in dataclasses.fields(cls):
+            value, tp = getattr(obj, f.name), hints[f.name]
+            if _is_dataclass_type(tp):
+                walk(tp, value, f"{prefix}{f.name}.")
+                continue
+            shown = "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip()
+            shown = shown.removesuffix("...").strip()
+            kind = re.sub(r"typing\.|Optional\[(.*)\]|Union\[(\w+), NoneType\]", r"\1\2", str(tp))
+            kind = re.sub(r"<class '(\w+)'>", r"\1", kind)
+            note = notes.get(f.name, "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{f.name}` | {kind} | `{shown}` | {note} |")
+
+    walk(Config, Config(), "")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,22 @@
+"""`jc2a config`: print a resolved configuration as YAML, or the reference of every key (`--reference`)."""
+
+from __future__ import annotations
+
+import yaml
+
+from jc2a.config import load_config, reference_markdown, to_dict
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", action="append", default=None, help="YAML config (repeat to compose)")
+    parser.add_argument("--reference", action="store_true", help="every key, its type, default and meaning (markdown)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.fold=1")
+
+
+def run(args) -> int:
+    if args.reference:
+        print(reference_markdown(), end="")
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
