@@ -38,6 +38,15 @@ def save_rgb(path: Path, image: np.ndarray) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine far faster than two spinning threads."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A tiny model (random init, CKMM bank filled) saved as a run folder: model.safetensors + config.yaml."""

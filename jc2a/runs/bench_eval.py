@@ -89,7 +89,7 @@ def bench_eval(args: argparse.Namespace) -> Report:
     rows = [
         ["shots", "precision", "episode ms", "episodes/s", "floor ms", "ratio", "as-run floor ms", "ratio", "target"]
     ]
-    passed, notes, summary = True, [], []
+    passed, notes, summary, as_run = True, [], [], {}
     for shots in SHOTS:
         inputs = tuple(t.to(device) for t in _episode(shots))
         for precision, autocast in precisions.items():
@@ -100,6 +100,7 @@ def bench_eval(args: argparse.Namespace) -> Report:
             }
             seconds = time_interleaved(fns, repeats, device)
             ratio = seconds["episode"] / seconds["floor"]
+            as_run[(shots, precision)] = seconds["episode"] / seconds["as_run"]
             ok = ratio <= TARGET
             judged = device.type == "cpu"  # the target is set for CPUs; on a GPU the ratios are informative
             passed &= ok or not judged
@@ -129,6 +130,13 @@ def bench_eval(args: argparse.Namespace) -> Report:
         "as-run floor = the backbone as the model runs it: the supports stop at layer3 (their layer4 feeds only "
         "PFENet's prior, off here), so the second ratio is the overhead of the head, HPAM, CKMM and scoring alone"
     )
+    above = {k: r for k, r in as_run.items() if r > TARGET}
+    if above:
+        worst = ", ".join(f"{k}-shot {p} {r:.2f}x" for (k, p), r in above.items())
+        notes.append(
+            f"against the as-run floor the ratio is above {TARGET:g}x ({worst}): a verdict of PASS owes part of its "
+            "margin to the supports' layer4, which the floor computes and the model skips"
+        )
     notes.append(_environment(device, repeats) + (f" (at most {CPU_REPEATS} on a CPU)" if device.type == "cpu" else ""))
     if device.type == "cpu":
         notes.append(_busy_note(load_before))

@@ -399,7 +399,8 @@ def run(args) -> int:
                   f"mIoU {s['miou_mean']:.2f} ± {s['miou_std']:.2f}, FB-IoU {s['fbiou_mean']:.2f} ± "
                   f"{s['fbiou_std']:.2f}")  # fmt: skip
         out = Path(args.out) if args.out is not None else default_out(args.checkpoint)
-        print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {len(results.get('figures', []))} figures")
+        figures = len(results.get("figures", []))
+        print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {figures} figure(s) in {out / 'figures'}")
     return 0
 
 
