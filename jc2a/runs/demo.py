@@ -23,7 +23,7 @@ from jc2a.config import Config, load_config
 
 log = logging.getLogger("jc2a.runs")
 ROOT = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = ROOT / "configs" / "toy.yaml"
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 # Targets of an honest demo (issue 10): the trained model against the all-foreground prediction and against itself
 # untrained, on the same novel-class episodes, 1-shot and 5-shot.
 TIMES_ALL_FOREGROUND = 2.0

@@ -1,0 +1,89 @@
+"""The README stays true: its generated tables equal their generators, and every command in it parses."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from jc2a.cli import COMMANDS, build_parser
+from jc2a.config import load_config, reference_markdown
+from jc2a.runs.report import reproduction_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def block(name: str) -> str:
+    match = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", README, re.S)
+    assert match, f"README has no {name} block"
+    return match.group(1)
+
+
+def test_config_reference_is_generated_from_the_typed_defaults():
+    assert block("config-reference") == reference_markdown()  # regenerate: jc2a config --reference
+
+
+def test_reproduction_table_is_the_paper_data():
+    assert block("paper-table") == reproduction_markdown()
+
+
+def commands() -> list[list[str]]:
+    """Every shell command of the README's bash blocks, one argv each (a `for` loop body with its variable set)."""
+    out = []
+    for body in re.findall(r"```bash\n(.*?)```", README, re.S):
+        for line in body.splitlines():
+            line = line.split("  #")[0].strip()
+            if not line or line.startswith("#"):
+                continue
+            loop = re.match(r"for (\w+) in (\S+).*?; do (.*); done$", line)
+            if loop:
+                line = loop.group(3).replace(f"${loop.group(1)}", loop.group(2))
+            argv = shlex.split(line)
+            while argv and re.match(r"^\w+=", argv[0]):  # GPUS=4 bash ...
+                argv = argv[1:]
+            out.append(argv)
+    return out
+
+
+def _check_jc2a(argv: list[str]) -> None:
+    command = argv[0]
+    assert command in COMMANDS, argv
+    args = build_parser(command).parse_args(argv)  # a wrong flag exits: SystemExit fails the test
+    for config in getattr(args, "config", None) or []:
+        assert (ROOT / config).is_file(), config
+    if getattr(args, "config", None) and command in ("train", "bank", "preview", "config"):
+        overrides = [o for o in args.overrides if "$" not in o]
+        load_config([ROOT / c for c in args.config], overrides)  # configs and overrides resolve
+
+
+@pytest.mark.parametrize("argv", commands(), ids=lambda a: " ".join(a)[:60])
+def test_every_readme_command_parses(argv):
+    if argv[0] == "jc2a":
+        _check_jc2a(argv[1:])
+    elif argv[:2] == ["accelerate", "launch"]:
+        config = argv[argv.index("--config_file") + 1]
+        assert (ROOT / config).is_file(), config
+        _check_jc2a(argv[argv.index("-m") + 2 :])
+    elif argv[0] in ("bash", "sbatch"):
+        script = next(a for a in argv if a.startswith("launch/"))
+        text = (ROOT / script).read_text()
+        assert (ROOT / script).is_file()
+        if script.startswith("launch/train") or script == "launch/slurm.sh":
+            first = text.splitlines()[1]  # each launch script opens with the exact command it runs
+            assert first.startswith("# ") and "accelerate launch" in first and "-m jc2a train" in first
+            _check_jc2a(["train", *[a for a in argv[argv.index(script) + 1 :]]])
+    elif argv[0] == "pip":
+        assert argv[1:3] == ["install", "-e"]
+    elif argv[0] == "mlflow":
+        assert argv[1] == "ui" and "--backend-store-uri" in argv
+    else:
+        raise AssertionError(f"a README command this test does not know how to check: {argv}")
+
+
+def test_python_api_of_the_readme():
+    import jc2a
+
+    assert callable(jc2a.Predictor.from_checkpoint) and callable(jc2a.Predictor.predict)
