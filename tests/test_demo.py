@@ -23,7 +23,7 @@ def test_demo_learns_novel_classes(tmp_path, monkeypatch):
     from jc2a.runs.demo import demo
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    out = demo(tmp_path / "demo", train_images=400, val_images=160, steps=500, episodes=150, progress=False)
+    out = demo(tmp_path / "demo", train_images=400, val_images=240, steps=500, episodes=150, progress=False)
     for check in out["checks"]:
         assert check["trained"] >= TIMES_ALL_FOREGROUND * check["all_foreground"], check
         assert check["trained"] >= check["untrained"] + POINTS_ABOVE_UNTRAINED, check

@@ -366,7 +366,8 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
                 loader.skipped_records = 0
                 metrics = stepper.metrics(state, time.perf_counter() - tick, cfg.train.batch_size)
                 runlog.log(metrics, state.step)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                eps = metrics["episodes_per_s"]
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", episodes_s=f"{eps:.1f}")
                 tick = time.perf_counter()
             if (cfg.train.val_every and state.step % cfg.train.val_every == 0) or last:  # 5c. validation
                 metrics.update(_validate_and_keep_best(accelerator, core, cfg, val_shards, state, runlog, run_dir))
