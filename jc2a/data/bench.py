@@ -1,4 +1,4 @@
-"""Data throughput: shard writing (images/s) and the episode loaders (episodes/s), on the toy data."""
+"""Data throughput: shard writing, and the episode loaders against the decode floor of the same records."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Optional
 from jc2a.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
+FLOOR_TARGET = 0.5  # loader episodes/s with 2 workers / decode-floor episodes/s, at least
+WORKER_TARGET = 1.3  # 2 workers / 0 workers, at least
 
 
 def _time_loader(loader, episodes: int, workers: int) -> float:
@@ -25,21 +27,35 @@ def _time_loader(loader, episodes: int, workers: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def decode_floor(shards, shot: int, records: int = 60) -> float:
+    """Episodes per second if an episode cost nothing but decoding its 1 + K records (JPEG + label PNG), in
+    this process: the floor a loader is judged against."""
+    from jc2a.data.records import decode_record
+
+    samples = [shards.read(i) for i in range(min(records, len(shards)))]
+    for s in samples[:3]:
+        decode_record(s)  # warm-up
+    start = time.perf_counter()
+    for s in samples:
+        decode_record(s)
+    per_record = (time.perf_counter() - start) / len(samples)
+    return 1.0 / (per_record * (1 + shot))
+
+
 def bench_data(
-    images: int = 400, size: int = 160, episodes: int = 200, image_size: int = 129, work: Optional[Path] = None
+    images: int = 320, size: int = 560, episodes: int = 48, image_size: int = 473, work: Optional[Path] = None
 ) -> list[dict]:
     """Rows of `{"what", "setting", "value", "unit"}` measured in one run.
 
     Args:
         images: toy images to generate for each split.
-        size: toy image side.
+        size: toy image side (the issue's measure: 560 px).
         episodes: episodes timed per loader setting.
         image_size: episode input size S.
         work: scratch folder (a temporary one by default).
     """
     from jc2a.data.coco import CocoSource
-    from jc2a.data.episodes import eval_loader, train_loader
-    from jc2a.data.locations import ShardSet
+    from jc2a.data.episodes import eval_loader, open_shards, train_loader
     from jc2a.data.shards import write_shards
     from jc2a.data.toy import write_toy_coco
 
@@ -55,20 +71,40 @@ def bench_data(
             seconds += time.perf_counter() - start
             total += summary.records
         rows.append(dict(what="shard writing", setting=f"{total} toy images ~{size}px", value=total / seconds,
-                         unit="images/s"))  # fmt: skip
-        train, val = ShardSet(str(work / "shards"), "train"), ShardSet(str(work / "shards"), "val")
+                         unit="images/s", shot=0, workers=0))  # fmt: skip
         for shot in (1, 5):
+            cfg = load_config(
+                ROOT / "configs/toy.yaml",
+                [f"data.shards={work / 'shards'}", f"data.shot={shot}", f"data.image_size={image_size}",
+                 f"data.eval_episodes={episodes * 2 + 32}", "data.min_pixels=2048", "data.shuffle_buffer=64",
+                 f"data.episodes_per_epoch={episodes * 40}", "data.support_pool=16"],
+            )  # fmt: skip
+            train, val = open_shards(cfg, "train"), open_shards(cfg, "val")
+            rows.append(dict(what="decode floor", setting=f"{shot}-shot: JPEG + PNG of 1 + {shot} records",
+                             value=decode_floor(train, shot), unit="episodes/s", shot=shot, workers=0))  # fmt: skip
             for workers in (0, 2):
-                cfg = load_config(
-                    ROOT / "configs/toy.yaml",
-                    [f"data.shards={work / 'shards'}", f"data.shot={shot}", f"data.num_workers={workers}",
-                     f"data.image_size={image_size}", f"data.eval_episodes={episodes + 32}", "data.min_pixels=200",
-                     f"data.episodes_per_epoch={episodes * 4}"],
-                )  # fmt: skip
-                rate = _time_loader(train_loader(cfg, batch_size=4, shards=train), episodes, workers)
+                cfg.data.num_workers = workers
+                rate = _time_loader(train_loader(cfg, batch_size=4, shards=train, rank=0, world=1), episodes, workers)
                 rows.append(dict(what="train episodes", setting=f"{shot}-shot, {workers} workers, S={image_size}",
-                                 value=rate, unit="episodes/s"))  # fmt: skip
+                                 value=rate, unit="episodes/s", shot=shot, workers=workers))  # fmt: skip
                 rate = _time_loader(eval_loader(cfg, batch_size=4, shards=val), episodes, workers)
                 rows.append(dict(what="eval episodes", setting=f"{shot}-shot, {workers} workers, S={image_size}",
-                                 value=rate, unit="episodes/s"))  # fmt: skip
+                                 value=rate, unit="episodes/s", shot=shot, workers=workers))  # fmt: skip
     return rows
+
+
+def judge(rows: list[dict]) -> list[tuple[str, float, str, bool]]:
+    """(what, ratio, target, passed) for the issue's targets: 2-worker loaders >= 0.5x the decode floor, and
+    2 workers >= 1.3x 0 workers, at 1-shot and 5-shot, training and evaluation."""
+    out = []
+    for shot in (1, 5):
+        floor = next(r["value"] for r in rows if r["what"] == "decode floor" and r["shot"] == shot)
+        for what in ("train episodes", "eval episodes"):
+            rate = {r["workers"]: r["value"] for r in rows if r["what"] == what and r["shot"] == shot}
+            ratio = rate[2] / floor
+            out.append((f"{what}, {shot}-shot, 2 workers / decode floor", ratio, f">= {FLOOR_TARGET}x",
+                        ratio >= FLOOR_TARGET))  # fmt: skip
+            ratio = rate[2] / rate[0]
+            out.append((f"{what}, {shot}-shot, 2 workers / 0 workers", ratio, f">= {WORKER_TARGET}x",
+                        ratio >= WORKER_TARGET))  # fmt: skip
+    return out

@@ -471,8 +471,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     coco.add_argument("--out", type=Path, default=Path("shards/coco"))
     pascal = sub.add_parser("pascal", help="VOC 2012 + SBD SegmentationClassAug")
     pascal.add_argument("--root", type=Path, required=True, help="folder with JPEGImages/ and SegmentationClassAug/")
-    pascal.add_argument("--train-list", type=Path, help="default ROOT/ImageSets/SegmentationAug/train_aug.txt")
-    pascal.add_argument("--val-list", type=Path, help="default ROOT/ImageSets/Segmentation/val.txt")
+    pascal.add_argument(
+        "--train-list",
+        type=Path,
+        help="image ids; default PFENet's list shipped with jc2a: 5,953 ids, VOC 2012 train + SBD without duplicates "
+        "(SBD's train_aug.txt, 10,582 ids, is HSNet's choice)",
+    )
+    pascal.add_argument(
+        "--val-list", type=Path, help="image ids; default PFENet's list shipped with jc2a: 1,449 ids, VOC 2012 val"
+    )
     pascal.add_argument("--split", choices=("train", "val", "both"), default="both")
     pascal.add_argument("--out", type=Path, default=Path("shards/pascal"))
     for p in (coco, pascal):

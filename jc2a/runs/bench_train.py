@@ -1,0 +1,237 @@
+"""`jc2a bench train`: a training step against the frozen-backbone floor, split by stage; the whole loop's rate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+STEP_TARGET = 1.2  # training step / backbone forward of the same images, at most (CPU)
+LOOP_TARGET = 0.9  # whole loop episodes/s / step-only episodes/s, at least
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _model(name: str, size: int, device: torch.device):
+    """JC2A with a randomly initialised `name` backbone at input `size`, a random CKMM bank, in train mode."""
+    from jc2a.config import load_config
+    from jc2a.model import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(
+        None, [f"model.backbone.name={name}", "model.backbone.pretrained=false", f"data.image_size={size}"]
+    )
+    model = build_model(cfg).to(device)
+    bank = model.prototype_bank
+    bank.sums.normal_()
+    bank.counts.fill_(1)
+    return model.train(), cfg
+
+
+def _batch(batch: int, size: int, shot: int, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(batch, shot, size, size, dtype=torch.uint8)
+    masks[..., size // 4 : 3 * size // 4, size // 3 : 2 * size // 3] = 1
+    qmask = torch.zeros(batch, size, size, dtype=torch.uint8)
+    qmask[:, size // 3 : 2 * size // 3, size // 4 : 3 * size // 4] = 1
+    return {
+        "query_img": torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g).to(device),
+        "support_imgs": torch.randint(0, 256, (batch, shot, 3, size, size), dtype=torch.uint8, generator=g).to(device),
+        "support_masks": masks.to(device),
+        "query_mask": qmask.to(device),
+    }
+
+
+def measure_step(name: str, size: int, batch: int, repeats: int, device: torch.device, precision: str) -> dict:
+    """Seconds of: the floor (the backbone's forward of the batch's query and support images, no grad), a whole
+    training step (forward, loss, backward, SGD step), and the forward split by stage (profiler)."""
+    from jc2a.bench import time_interleaved
+
+    model, cfg = _model(name, size, device)
+    data = _batch(batch, size, 1, device)
+    images = torch.cat([data["query_img"], data["support_imgs"].flatten(0, 1)])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    @torch.no_grad()
+    def floor() -> None:
+        with autocast():
+            model.backbone(model.backbone.normalize(images))
+
+    def step() -> None:
+        with autocast():
+            loss = model.loss(model(data["query_img"], data["support_imgs"], data["support_masks"]), data["query_mask"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    seconds = time_interleaved({"floor": floor, "step": step}, repeats, device)
+    seconds["stages"] = _stages(model, data, autocast, device)
+    return seconds
+
+
+def _stages(model, data: dict, autocast, device: torch.device) -> dict[str, float]:
+    """Forward time per module family of one training step (torch.profiler, self + children of each top module)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    families = {
+        "backbone": model.backbone,
+        "reductions": torch.nn.ModuleList([model.down_query, model.down_supp]),
+        "HPAM": model.hpam,
+        "decoder (MIA + FEM)": model.decoder,
+    }
+    handles = []
+    for label, module in families.items():
+        if module is None:
+            continue
+        scope = {}
+
+        def pre(mod, inp, label=label, scope=scope):
+            scope["ctx"] = record_function(f"stage::{label}")
+            scope["ctx"].__enter__()
+
+        def post(mod, inp, out, scope=scope):
+            scope["ctx"].__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    from jc2a.bench import _quiet_stderr
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        with _quiet_stderr(), profile(activities=activities) as prof:
+            with record_function("stage::forward"), autocast():
+                out = model(data["query_img"], data["support_imgs"], data["support_masks"])
+                loss = model.loss(out, data["query_mask"])
+            with record_function("stage::backward + step"):
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    model.zero_grad(set_to_none=True)
+    out_times: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.key.startswith("stage::"):
+            out_times[event.key[len("stage::") :]] = event.cpu_time_total / 1e6
+    return out_times
+
+
+def measure_loop(steps: int = 24, workers: int = 2) -> dict:
+    """Episodes/s of the whole toy training loop (loader, step, logging, a checkpoint) and of the same model's
+    step alone on one batch, measured in this process one after the other."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from jc2a.config import load_config
+    from jc2a.data.coco import CocoSource
+    from jc2a.data.episodes import open_shards, train_loader
+    from jc2a.data.shards import write_shards
+    from jc2a.data.toy import write_toy_coco
+    from jc2a.runs.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        write_toy_coco(work / "toy", train_images=200, val_images=60, size=128, seed=0)
+        for split in ("train", "val"):
+            src = CocoSource(work / "toy" / f"{split}2014", work / "toy/annotations" / f"instances_{split}2014.json")
+            write_shards(src, work / "shards", split, "coco", src.class_names, progress=False)
+        overrides = [
+            f"data.shards={work / 'shards'}", f"train.output_dir={work / 'run'}", "train.tracking=none",
+            f"train.max_steps={steps}", f"train.save_every={steps // 2}", "train.val_every=0", "train.val_episodes=2",
+            "data.eval_episodes=4", f"data.num_workers={workers}", "model.backbone.frozen=true", "train.log_every=4",
+        ]  # fmt: skip
+        cfg = load_config(ROOT / "configs/toy.yaml", overrides)
+        train(cfg, progress=False)
+        for reset in (AcceleratorState._reset_state, GradientState._reset_state, PartialState._reset_state):
+            reset(True) if reset is AcceleratorState._reset_state else reset()
+        lines = [json.loads(x) for x in (work / "run/metrics.jsonl").read_text().splitlines()]
+        rates = [m["episodes_per_s"] for m in lines if "episodes_per_s" in m][1:]  # the first window warms up
+        loop = sum(rates) / len(rates)
+        # the step alone, same model and batch size, one batch drawn once
+        from jc2a.model import build_model
+
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg)
+        model.prototype_bank.sums.normal_()
+        model.prototype_bank.counts.fill_(1)
+        model.train()
+        batch = next(iter(train_loader(cfg, model.backbone.mean, rank=0, world=1, shards=open_shards(cfg, "train"))))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9)
+        times = []
+        for i in range(steps // 2 + 2):
+            start = time.perf_counter()
+            loss = model.loss(
+                model(batch["query_img"], batch["support_imgs"], batch["support_masks"]), batch["query_mask"]
+            )
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        step = cfg.train.batch_size / (sorted(times)[len(times) // 2])
+    return {"loop": loop, "step": step, "batch": cfg.train.batch_size, "workers": workers, "steps": steps}
+
+
+def bench_train(args: argparse.Namespace):
+    """Section `train` of `jc2a bench`."""
+    from jc2a.bench import Report, _busy_note, _device, _environment, _load
+
+    device = _device(args.device)
+    load = _load()
+    repeats = max(2, min(args.repeats, 3))
+    rows = [["measure", "setting", "time / rate", "ratio", "target"]]
+    summary: list[list[str]] = []
+    passed = True
+    precisions = ["no"] + (["fp16"] if device.type == "cuda" else [])
+    notes = []
+    for precision in precisions:
+        s = measure_step("resnet50", 473, 4, repeats, device, precision)
+        ratio = s["step"] / s["floor"]
+        ok = ratio <= STEP_TARGET if device.type == "cpu" or precision == "fp16" else True
+        passed &= ok
+        tag = "fp32" if precision == "no" else precision
+        rows.append(["backbone forward (floor)", f"ResNet50 473², 8 images, {tag}", f"{s['floor']:.2f} s", "1.00x", ""])
+        verdict = f"<= {STEP_TARGET}x: {'PASS' if ok else 'FAIL'}"
+        summary.append([f"train: step / backbone floor ({tag})", f"{ratio:.2f}x", f"<= {STEP_TARGET}x", verdict[-4:]])
+        rows.append(
+            ["training step", f"ResNet50 473², batch 4, 1-shot, {tag}", f"{s['step']:.2f} s", f"{ratio:.2f}x", verdict]
+        )
+        for stage, sec in s["stages"].items():
+            rows.append([f"  stage: {stage}", "one profiled step", f"{sec:.2f} s", f"{sec / s['floor']:.2f}x", ""])
+    for workers in (0, 2):  # the toy config's own setting (0 workers) is judged; 2 workers are reported
+        loop = measure_loop(workers=workers)
+        ratio = loop["loop"] / loop["step"]
+        judged = workers == 0
+        ok = ratio >= LOOP_TARGET
+        passed &= ok or not judged
+        verdict = f">= {LOOP_TARGET}x: {'PASS' if ok else 'FAIL'}" if judged else "(reported)"
+        rows.append(
+            ["training loop", f"toy config, {workers} workers, checkpoint + logging", f"{loop['loop']:.2f} episodes/s",
+             f"{ratio:.2f}x", verdict]
+        )  # fmt: skip
+        summary.append(
+            [f"train: loop / step-only episodes/s ({workers} workers)", f"{ratio:.2f}x",
+             f">= {LOOP_TARGET}x" if judged else "", ("PASS" if ok else "FAIL") if judged else ""]
+        )  # fmt: skip
+    rows.append(["step only", "toy config, same batch size", f"{loop['step']:.2f} episodes/s", "1.00x", ""])
+    notes.append(
+        "floor: the backbone's forward (no grad) of the step's 4 query + 4 support images; the step: forward, "
+        "loss, backward and an SGD step of JC2A with the frozen backbone (random init, CKMM bank filled at random); "
+        "the supports' layer4 is not computed (only PFENet's prior needs it)"
+    )
+    notes.append(
+        "stages: torch.profiler CPU time of one step's forward per module family (children included) and of the "
+        "backward with the optimizer's gradient pass; they overlap the floor's work, so they need not sum to the step"
+    )
+    notes.append(f"loop: `jc2a train` on toy shards ({loop['steps']} steps, a checkpoint halfway), episodes/s logged "
+                 "per window after the first, against the same model stepping one fixed batch (each measured after "
+                 "the other, so machine load moves them apart); judged at the toy config's 0 workers")  # fmt: skip
+    notes.append(_environment(device, repeats))
+    notes.append(_busy_note(load))
+    return Report("Training: step against the backbone floor; the whole loop", rows, notes, passed, summary)
