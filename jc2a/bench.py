@@ -331,10 +331,6 @@ def run(args: argparse.Namespace) -> int:
         report = SECTIONS[name](args)
         reports.append(report)
         print(report.text() + "\n", flush=True)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(report.markdown() for report in reports))
-        print(f"wrote {args.out}")
     if len(reports) > 1:  # one table of every ratio this run measured
         summary = Report("Summary: ratios measured in this run", [["measure", "ratio", "target", "verdict"]])
         for report in reports:
@@ -342,6 +338,10 @@ def run(args: argparse.Namespace) -> int:
         summary.notes.append(_machine())
         reports.append(summary)
         print(summary.text() + "\n", flush=True)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(report.markdown() for report in reports))
+        print(f"wrote {args.out}")
     failed = [r.title for r in reports if not r.passed]
     print("all targets met" if not failed else "targets missed: " + "; ".join(failed))
     return 1 if failed else 0

@@ -1,4 +1,4 @@
-"""Shared fixtures: one toy COCO dataset and its shards per test session."""
+"""Shared fixtures: one toy COCO dataset and its shards per test session; a fresh accelerate state per test."""
 
 from __future__ import annotations
 
@@ -37,3 +37,18 @@ def toy_cfg(coco_shards):
 
     root = Path(__file__).resolve().parents[1]
     return load_config(root / "configs" / "toy.yaml", [f"data.shards={coco_shards}", "data.min_pixels=200"])
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Every test that makes an Accelerator in this process gets a new accelerate state, and deterministic
+    algorithms (a training option) are off again after it."""
+    yield
+    import sys
+
+    if "accelerate" in sys.modules:
+        from jc2a.runs.common import reset_accelerate_state
+
+        reset_accelerate_state()
+    if "torch" in sys.modules:
+        sys.modules["torch"].use_deterministic_algorithms(False)

@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from jc2a.runs.demo import POINTS_ABOVE_UNTRAINED, TIMES_ALL_FOREGROUND
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from jc2a.runs.demo import _reset_accelerate
-
-    _reset_accelerate()
 
 
 def test_demo_learns_novel_classes(tmp_path, monkeypatch):

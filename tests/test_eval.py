@@ -15,6 +15,7 @@ import torch
 from jc2a.cli import main
 from jc2a.config import load_config
 from jc2a.folds import novel_classes
+from jc2a.runs.common import reset_accelerate_state
 
 ROOT = Path(__file__).resolve().parents[1]
 # the toy config at 65 px with a narrow head (as tests/test_train.py): a few steps train in seconds
@@ -29,21 +30,6 @@ TINY = [
     "train.max_steps=6",
 ]
 EVAL = ["--episodes", "8", "--seeds", "0", "1", "--no-progress"]
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Every in-process run gets a new Accelerator state."""
-    yield
-    reset_accelerate()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,7 +50,7 @@ def trained(coco_shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("eval") / "run"
     cfg = load_config(ROOT / "configs/toy.yaml", [f"data.shards={coco_shards}", f"train.output_dir={run}", *TINY])
     train(cfg, progress=False)
-    reset_accelerate()
+    reset_accelerate_state()
     return run
 
 
@@ -72,7 +58,7 @@ def trained(coco_shards, tmp_path_factory) -> Path:
 def one_process(trained, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one")
     assert main(["eval", "--checkpoint", str(trained), "--out", str(out), *EVAL]) == 0
-    reset_accelerate()
+    reset_accelerate_state()
     return out
 
 
@@ -170,12 +156,12 @@ def test_fold_template_and_bare_model_file(trained, tmp_path, monkeypatch, capsy
     # a missing fold is found before anything runs
     assert main(["eval", "--checkpoint", template, "--folds", "0", "1", "--no-progress"]) == 2
     assert "run-f1: checkpoint not found" in capsys.readouterr().err
-    reset_accelerate()
+    reset_accelerate_state()
     monkeypatch.chdir(tmp_path)  # a bare model file reports to ./eval
     short = ["--shots", "1", "--seeds", "0", "--episodes", "4", "--figures", "0", "--no-progress"]
     assert main(["eval", "--checkpoint", str(tmp_path / "run-f0" / "model.safetensors"), *short]) == 0
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
-    reset_accelerate()
+    reset_accelerate_state()
     assert main(["eval", "--checkpoint", template, "--folds", "0", "--out", "tpl", *short]) == 0
     assert numbers(json.loads((tmp_path / "tpl" / "results.json").read_text())) == [numbers({"rows": rows})[0]]
 

@@ -87,3 +87,11 @@ def test_python_api_of_the_readme():
     import jc2a
 
     assert callable(jc2a.Predictor.from_checkpoint) and callable(jc2a.Predictor.predict)
+
+
+def test_every_linked_file_exists():
+    links = re.findall(r"\]\(([^)#]+)\)", README)
+    local = [link for link in links if not link.startswith(("http://", "https://"))]
+    assert local, "the README links to its docs"
+    for link in local:
+        assert (ROOT / link).exists(), link

@@ -21,7 +21,7 @@ import torch
 
 from jc2a.cli import main
 from jc2a.config import load_config, save_config
-from jc2a.runs.common import load_trained_model, read_model_file
+from jc2a.runs.common import load_trained_model, read_model_file, reset_accelerate_state
 from jc2a.runs.train import checkpoint_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,20 +57,8 @@ class _Payload:
 
 
 def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate_state()
     torch.use_deterministic_algorithms(False)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Every in-process run gets a new Accelerator state and leaves deterministic algorithms off."""
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
 
 
 def overrides(shards: Path, run_dir: Path, bank: Path | None, *extra: str) -> list[str]:

@@ -37,18 +37,6 @@ def tiny(coco_shards, run_dir, *extra):
     return [f"data.shards={coco_shards}", f"train.output_dir={run_dir}", *TINY, *extra]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Every in-process run gets a new Accelerator state and leaves deterministic algorithms off."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-    torch.use_deterministic_algorithms(False)
-
-
 def run_train(coco_shards, run_dir, *extra, resume=None):
     from jc2a.runs.train import train
 

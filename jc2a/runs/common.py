@@ -64,6 +64,16 @@ def make_accelerator(cfg: Config, *, tracking: bool = False, logging_dir: Option
     )
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so that a new Accelerator (other precision, other plugin) can be
+    made in this process after an earlier one ended (the demo's successive runs, the tests)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 def close_accelerator(accelerator, *objects: Any) -> None:
     """Release models and optimizers, then end: gloo aborted at exit in 2-4 runs of 10 without this (ENV.md)."""
     import gc

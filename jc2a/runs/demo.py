@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from jc2a.config import Config, load_config
+from jc2a.runs.common import reset_accelerate_state
 
 log = logging.getLogger("jc2a.runs")
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,15 +39,6 @@ class AllForeground(nn.Module):
         logits = torch.zeros(b, 2, h, w, device=query_img.device)
         logits[:, 1] = 1.0
         return logits
-
-
-def _reset_accelerate() -> None:
-    """A new Accelerator in this process after an earlier one ended (accelerate keeps one shared state)."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def toy_shards(out: Path, train_images: int, val_images: int, size: int, progress: bool) -> Path:
@@ -80,7 +72,7 @@ def compare(cfg: Config, run_dir: Path, shots: list[int], episodes: int, progres
     from jc2a.runs.common import close_accelerator, load_trained_model, make_accelerator
     from jc2a.runs.evaluate import evaluate_episodes
 
-    _reset_accelerate()
+    reset_accelerate_state()
     accelerator = make_accelerator(cfg)
     trained, _ = load_trained_model(run_dir)
     set_seed(cfg.train.seed)  # the initial weights of the training run
@@ -208,7 +200,7 @@ def demo(
     curve = training_curve(run_dir, run_dir / "training_curve.png")
     # 3. the paper's evaluation of the trained model: results.json / results.md, figures, MLflow
     start = time.perf_counter()
-    _reset_accelerate()
+    reset_accelerate_state()
     evaluate(
         run_dir, overrides=extra + list(overrides), shots=(1, 5), out=run_dir / "eval", figures=4, progress=progress
     )

@@ -30,8 +30,7 @@ def run_row(row: str, seed: int, shards: Path, out: Path, steps: int, episodes: 
     """Train one row with one seed, then its 1-shot mIoU / FB-IoU on the novel classes."""
     from jc2a.config import load_config
     from jc2a.data.episodes import open_shards
-    from jc2a.runs.common import close_accelerator, load_trained_model, make_accelerator
-    from jc2a.runs.demo import _reset_accelerate
+    from jc2a.runs.common import close_accelerator, load_trained_model, make_accelerator, reset_accelerate_state
     from jc2a.runs.evaluate import evaluate_episodes
     from jc2a.runs.train import train
 
@@ -43,9 +42,9 @@ def run_row(row: str, seed: int, shards: Path, out: Path, steps: int, episodes: 
     cfg = load_config(configs, overrides)
     start = time.perf_counter()
     if not (run_dir / "model.safetensors").is_file():
-        _reset_accelerate()
+        reset_accelerate_state()
         train(cfg, progress=False)
-    _reset_accelerate()
+    reset_accelerate_state()
     accelerator = make_accelerator(cfg)
     model, _ = load_trained_model(run_dir)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -55,12 +54,30 @@ def run_row(row: str, seed: int, shards: Path, out: Path, steps: int, episodes: 
             "trainable_params": params, "seconds": time.perf_counter() - start}  # fmt: skip
 
 
+def previous_runs(path: Path, steps: int, episodes: int) -> dict[tuple[str, int], dict]:
+    """Results of an earlier invocation (table3.json) with the same steps and episodes, by (row, seed): an
+    interrupted table resumes where it stopped. A run whose weights are gone is run again."""
+    if not path.is_file():
+        return {}
+    try:
+        runs = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path}: not JSON ({exc}); delete it to start the table again") from None
+    kept = {}
+    for r in runs:
+        same = r.get("steps", steps) == steps and r.get("episodes", episodes) == episodes
+        run_dir = path.parent / f"{r['row'].replace('+', '_')}-seed{r['seed']}"
+        if same and (run_dir / "model.safetensors").is_file():
+            kept[(r["row"], r["seed"])] = r
+    return kept
+
+
 def table(runs: list[dict], steps: int, episodes: int, seeds: list[int], seconds: float, command: str) -> str:
     from jc2a.runs.report import PAPER_ABLATION
 
     lines = [
         f"Run {date.today().isoformat()} on {platform.machine()} ({platform.processor() or 'CPU'}), {os.cpu_count()} "
-        f"cores, no GPU; {len(runs)} runs in {seconds / 60:.0f} minutes. Command: `{command}`.",
+        f"cores, no GPU; {len(runs)} runs, {seconds / 60:.0f} minutes of training and evaluation in all. Command: `{command}`.",
         "",
         f"Toy COCO-20i fold 0, configs/demo.yaml ({steps} steps each, trainable mobilenetv3_small_050 at 129 px), "
         f"training seeds {seeds}; 1-shot mIoU on the 20 novel classes, {episodes} episodes (the same list for every "
@@ -111,16 +128,19 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/RESULTS.md")
     args = parser.parse_args(argv)
     setup_logging()
-    start = time.perf_counter()
     shards = toy_shards(args.out, 600, 240, 160, progress=False)
+    done = previous_runs(args.out / "table3.json", args.steps, args.episodes)
     runs = []
     for row in args.rows:
         for seed in args.seeds:
-            runs.append(run_row(row, seed, shards, args.out, args.steps, args.episodes))
+            key = (row, seed)
+            runs.append(done.get(key) or run_row(row, seed, shards, args.out, args.steps, args.episodes))
+            runs[-1].update(steps=args.steps, episodes=args.episodes)
             print(json.dumps(runs[-1]), flush=True)
-            (args.out / "table3.json").write_text(json.dumps(runs, indent=1))
+            merged = {**done, **{(r["row"], r["seed"]): r for r in runs}}
+            (args.out / "table3.json").write_text(json.dumps(list(merged.values()), indent=1))
     command = "bash launch/toy_table3.sh" + (f" {' '.join(argv)}" if argv else "")
-    text = table(runs, args.steps, args.episodes, args.seeds, time.perf_counter() - start, command)
+    text = table(runs, args.steps, args.episodes, args.seeds, sum(r["seconds"] for r in runs), command)
     print(text)
     if not args.no_write:
         print(f"written to {write_results(text)}")
