@@ -43,14 +43,15 @@ def decode_floor(shards, shot: int, records: int = 60) -> float:
 
 
 def bench_data(
-    images: int = 320, size: int = 560, episodes: int = 48, image_size: int = 473, work: Optional[Path] = None
+    images: int = 320, size: int = 560, episodes: int = 160, image_size: int = 473, work: Optional[Path] = None
 ) -> list[dict]:
     """Rows of `{"what", "setting", "value", "unit"}` measured in one run.
 
     Args:
         images: toy images to generate for each split.
         size: toy image side (the issue's measure: 560 px).
-        episodes: episodes timed per loader setting.
+        episodes: episodes timed per loader setting (160: about a second per setting at 2 workers, so that
+            start-up and scheduling noise stay small).
         image_size: episode input size S.
         work: scratch folder (a temporary one by default).
     """
