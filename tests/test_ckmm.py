@@ -17,8 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from jc2a.model.ckmm import BANK_FORMAT, EMPTY_BANK, PrototypeBank, class_agnostic_map, weighted_gap
+from jc2a.model.ckmm import EMPTY_BANK, PrototypeBank, class_agnostic_map, weighted_gap
 from jc2a.model.prior import minmax_normalize, pfenet_prior
+from jc2a.runs.files import BANK_FORMAT, load_bank, save_bank
 
 REPO = Path(__file__).resolve().parents[1]
 FINGERPRINT = {"backbone": "resnet18", "weights": "ab12", "dataset": "coco20i", "fold": "0", "shards": "x"}
@@ -86,9 +87,9 @@ def _bank(classes=(1, 2, 3), dim: int = 4, seed: int = 0) -> PrototypeBank:
 
 def test_bank_save_load_round_trip_as_safetensors(tmp_path):
     bank = _bank()
-    path = bank.save(tmp_path / "bank.safetensors", FINGERPRINT)
+    path = save_bank(bank, tmp_path / "bank.safetensors", FINGERPRINT)
     other = PrototypeBank([1, 2, 3], dim=4)
-    other.load(path, FINGERPRINT)
+    load_bank(other, path, FINGERPRINT)
     assert torch.equal(other.sums, bank.sums) and torch.equal(other.counts, bank.counts)
     assert other.counts.tolist() == [1, 0, 2] and torch.equal(other.prototypes(), bank.prototypes())
     with safe_open(str(path), framework="pt") as f:  # the file is plain safetensors
@@ -100,23 +101,23 @@ def test_bank_save_load_round_trip_as_safetensors(tmp_path):
     assert json.loads(meta["fingerprint"]) == FINGERPRINT
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.safetensors"]  # no temporary left
     fresh = PrototypeBank([1, 2, 3], dim=4)
-    fresh.load(path)  # no fingerprint asked: not checked
+    load_bank(fresh, path)  # no fingerprint asked: not checked
     assert torch.equal(fresh.sums, bank.sums)
 
 
 def test_bank_save_replaces_atomically(tmp_path, monkeypatch):
-    path = _bank(seed=0).save(tmp_path / "bank.safetensors", FINGERPRINT)
+    path = save_bank(_bank(seed=0), tmp_path / "bank.safetensors", FINGERPRINT)
     before = path.read_bytes()
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("jc2a.model.ckmm.save_file", crash)
+    monkeypatch.setattr("safetensors.torch.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        _bank(seed=1).save(path, FINGERPRINT)
+        save_bank(_bank(seed=1), path, FINGERPRINT)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["bank.safetensors"]
     with pytest.raises(TypeError, match="str to str"):
-        _bank().save(tmp_path / "b.safetensors", {"fold": 0})
+        save_bank(_bank(), tmp_path / "b.safetensors", {"fold": 0})
 
 
 @pytest.mark.parametrize(
@@ -128,13 +129,13 @@ def test_bank_save_replaces_atomically(tmp_path, monkeypatch):
     ],
 )
 def test_bank_fingerprint_mismatch_names_the_first_differing_key(tmp_path, key, theirs, ours):
-    path = _bank().save(tmp_path / "bank.safetensors", FINGERPRINT)
+    path = save_bank(_bank(), tmp_path / "bank.safetensors", FINGERPRINT)
     expected = {k: v for k, v in FINGERPRINT.items() if k != key}
     if ours is not None:
         expected[key] = ours
     bank = PrototypeBank([1, 2, 3], dim=4)
     with pytest.raises(ValueError) as info:
-        bank.load(path, expected)
+        load_bank(bank, path, expected)
     message = str(info.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
     assert f"differs at {key!r}: the file has {theirs!r}, expected {ours!r}" in message
@@ -142,7 +143,7 @@ def test_bank_fingerprint_mismatch_names_the_first_differing_key(tmp_path, key, 
     assert int(bank.counts.sum()) == 0  # nothing was read into the bank
     extra = {**FINGERPRINT, "augment": "pfenet"}  # a key this run has and the file does not
     with pytest.raises(ValueError, match="differs at 'augment': the file has None, expected 'pfenet'"):
-        bank.load(path, extra)
+        load_bank(bank, path, extra)
 
 
 @pytest.mark.parametrize(
@@ -150,9 +151,9 @@ def test_bank_fingerprint_mismatch_names_the_first_differing_key(tmp_path, key, 
     [([1, 2, 4], 4, r"class_ids=\[1, 2, 3\], this model needs class_ids=\[1, 2, 4\]"), ([1, 2, 3], 8, "dim=4")],
 )
 def test_bank_for_other_classes_or_features_refused(tmp_path, classes, dim, field):
-    path = _bank().save(tmp_path / "bank.safetensors", FINGERPRINT)
+    path = save_bank(_bank(), tmp_path / "bank.safetensors", FINGERPRINT)
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: .*{field}"):
-        PrototypeBank(classes, dim=dim).load(path, FINGERPRINT)
+        load_bank(PrototypeBank(classes, dim=dim), path, FINGERPRINT)
 
 
 class _Marker:
@@ -219,7 +220,7 @@ def test_bank_file_that_is_not_a_bank_refused_in_one_line(tmp_path, kind, reason
     path = _bad_file(tmp_path, kind)
     bank = PrototypeBank([1, 2, 3], dim=4)
     with pytest.raises(ValueError) as info:
-        bank.load(path, FINGERPRINT)
+        load_bank(bank, path, FINGERPRINT)
     message = str(info.value)
     assert message.startswith(f"{path}: ") and "\n" not in message, message
     assert re.search(reason, message), message
@@ -235,14 +236,14 @@ def test_pickled_bank_is_never_unpickled(tmp_path):
     assert marker.exists()
     marker.unlink()
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not a safetensors prototype bank"):
-        PrototypeBank([1, 2, 3], dim=4).load(path, FINGERPRINT)
+        load_bank(PrototypeBank([1, 2, 3], dim=4), path, FINGERPRINT)
     assert not marker.exists()
 
 
 def test_bank_missing_file(tmp_path):
     path = tmp_path / "missing.safetensors"
     with pytest.raises(FileNotFoundError, match=rf"^{re.escape(str(path))}: prototype bank file not found"):
-        PrototypeBank([1], dim=2).load(path)
+        load_bank(PrototypeBank([1], dim=2), path)
 
 
 def test_all_reduce_is_a_noop_without_distributed():
@@ -260,6 +261,7 @@ _WORKER = textwrap.dedent(
     import torch.distributed as dist
     import torch.multiprocessing as mp
     from jc2a.model.ckmm import PrototypeBank
+    from jc2a.runs.files import save_bank
 
     def worker(rank, port, data_path, out_path):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -270,7 +272,7 @@ _WORKER = textwrap.dedent(
             bank.update(data["feats"][idx], data["masks"][idx], data["class_ids"][idx])
         bank.all_reduce()
         if rank == 0:
-            bank.save(out_path, {"ranks": "2"})
+            save_bank(bank, out_path, {"ranks": "2"})
         dist.barrier()
         dist.destroy_process_group()
 
@@ -312,7 +314,7 @@ def test_all_reduce_over_two_gloo_processes_equals_one_process(tmp_path):
     single = PrototypeBank(classes, 16)
     single.update(data["feats"], data["masks"], data["class_ids"])
     reduced = PrototypeBank(classes, 16)
-    reduced.load(out, {"ranks": "2"})
+    load_bank(reduced, out, {"ranks": "2"})
     assert reduced.counts.tolist() == single.counts.tolist() == [4, 4, 4, 4]
     assert torch.allclose(reduced.sums, single.sums, rtol=0, atol=1e-12)
     assert torch.allclose(reduced.prototypes(), single.prototypes(), rtol=0, atol=1e-6)
@@ -374,25 +376,22 @@ def test_pfenet_prior_matches_manual():
     assert torch.isfinite(empty).all() and empty.abs().max() == 0
 
 
-def test_build_model_reads_the_bank_file(tmp_path):
+def test_build_model_reads_no_files_the_runs_load_the_bank(tmp_path):
     from jc2a.config import load_config
     from jc2a.model import build_model
 
     bank_file = tmp_path / "bank.safetensors"
     cfg = load_config(REPO / "configs/toy.yaml", [f"model.ckmm.bank_file={bank_file}"])
-    model = build_model(cfg)  # no file yet: an empty bank, to be built
-    assert int(model.prototype_bank.counts.sum()) == 0
+    model = build_model(cfg)
     feats = torch.rand(2, model.prototype_bank.dim, 5, 5)
     masks = torch.ones(2, 5, 5, dtype=torch.uint8)
-    classes = model.prototype_bank.class_ids[:2]
-    model.prototype_bank.update(feats, masks, classes)
-    model.prototype_bank.save(bank_file, FINGERPRINT)
-    again = build_model(cfg)  # the fingerprint is the run's to check...
+    model.prototype_bank.update(feats, masks, model.prototype_bank.class_ids[:2])
+    save_bank(model.prototype_bank, bank_file, FINGERPRINT)
+    again = build_model(cfg)  # `model` knows tensors, never files: bank_file is the runs' to read
+    assert int(again.prototype_bank.counts.sum()) == 0
+    load_bank(again.prototype_bank, bank_file, FINGERPRINT)
     assert torch.equal(again.prototype_bank.sums, model.prototype_bank.sums)
     assert again.prototype_bank.counts.tolist() == model.prototype_bank.counts.tolist()
-    assert build_model(cfg, bank_fingerprint=FINGERPRINT).prototype_bank.counts.tolist()[:2] == [1, 1]
-    with pytest.raises(ValueError, match="differs at 'fold'"):  # ... or build_model's when given
-        build_model(cfg, bank_fingerprint={**FINGERPRINT, "fold": "1"})
-    other_fold = load_config(REPO / "configs/toy.yaml", [f"model.ckmm.bank_file={bank_file}", "data.fold=1"])
+    other_fold = build_model(load_config(REPO / "configs/toy.yaml", ["data.fold=1"]))
     with pytest.raises(ValueError, match=r"bank\.safetensors: prototype bank was built with class_ids="):
-        build_model(other_fold)
+        load_bank(other_fold.prototype_bank, bank_file, FINGERPRINT)

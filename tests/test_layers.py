@@ -45,3 +45,24 @@ def test_bottom_layers_import_nothing_above_them():
     for module in ("config.py", "folds.py", "metrics.py"):
         names = imports(".")[module]
         assert not {n for n in names if n.startswith(("jc2a.data", "jc2a.model", "jc2a.runs", "jc2a.cli"))}, module
+
+
+def test_model_reads_and_writes_no_files():
+    """`model` knows tensors, never files: no safetensors, pickles, open() or paths in jc2a/model. The one path it
+    passes on is a backbone weights file, to timm (the loading path timm owns), in backbone.py."""
+    for path in sorted((PACKAGE / "model").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+        calls = {
+            ast.unparse(node.func)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("open", "torch.load", "torch.save", "Path")
+        }
+        name = str(path.relative_to(PACKAGE))
+        assert not modules & {"safetensors", "pickle", "pathlib", "shutil"}, f"jc2a/{name} imports file modules"
+        assert not calls, f"jc2a/{name} calls {sorted(calls)}"

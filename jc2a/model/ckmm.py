@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from jc2a.model.prior import COSINE_EPS, minmax_normalize, resize_mask
 
-__all__ = ["BANK_FORMAT", "EMPTY_BANK", "REDUCTIONS", "PrototypeBank", "class_agnostic_map", "weighted_gap"]
+__all__ = ["EMPTY_BANK", "REDUCTIONS", "PrototypeBank", "class_agnostic_map", "weighted_gap"]
 
-BANK_FORMAT = "jc2a-prototype-bank/2"  # safetensors; /1 was a torch.save pickle, no longer read
 REDUCTIONS = ("mean", "max")
 EMPTY_BANK = (
     "CKMM is on but the prototype bank is empty: build it with `jc2a bank` (or `jc2a train`, which builds it) "
@@ -79,8 +73,8 @@ class PrototypeBank(nn.Module):
     Buffers: `class_ids [N]` (the fold's base classes, contiguous ids), `sums [N, D]` (float64) and
     `counts [N]` (int64). Built in one pass over the base training data, each rank on its share, then
     `all_reduce()`: the sums and counts add up exactly, so the prototypes do not depend on the number of
-    ranks. The sums stay float64 when the network is cast to half precision. A bank file is safetensors
-    (never a pickle) and carries a fingerprint of what the bank was built from (backbone weights, data...).
+    ranks. The sums stay float64 when the network is cast to half precision. `state_tensors` /
+    `load_state_tensors` are what a bank file holds; the files themselves are `jc2a.runs.files`'.
     """
 
     def __init__(self, class_ids: Sequence[int], dim: int) -> None:
@@ -164,116 +158,49 @@ class PrototypeBank(nn.Module):
             raise RuntimeError(EMPTY_BANK)
         return class_agnostic_map(feat_q, self.prototypes(), self.seen, reduce)
 
-    # ------------------------------------------------------------------ files
+    # ------------------------------------------------------------------ state as tensors
 
-    def save(self, path: Union[str, os.PathLike], fingerprint: Mapping[str, str]) -> Path:
-        """Write the bank to `path` as safetensors, atomically (a temporary name, then `os.replace`).
-
-        Tensors `class_ids` (int64), `sums` (float64), `counts` (int64); string metadata `format`
-        (`BANK_FORMAT`), `dim`, and `fingerprint` (JSON of a str -> str dict: what the bank was built from).
-        """
-        bad = {k: v for k, v in fingerprint.items() if not isinstance(k, str) or not isinstance(v, str)}
-        if bad:
-            raise TypeError(f"a bank fingerprint maps str to str; not so: {bad!r}")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {
+    def state_tensors(self) -> dict[str, Tensor]:
+        """`class_ids` (int64), `sums` (float64) and `counts` (int64), on the CPU: what a bank file holds.
+        Files are the runs' business (`jc2a.runs.files.save_bank` / `load_bank`); the model knows tensors only."""
+        return {
             "class_ids": self.class_ids.detach().cpu().contiguous(),
             "sums": self.sums.detach().cpu().double().contiguous(),
             "counts": self.counts.detach().cpu().contiguous(),
         }
-        metadata = {"format": BANK_FORMAT, "dim": str(self.dim), "fingerprint": json.dumps(dict(fingerprint))}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file(tensors, os.fspath(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
 
-    def load(self, path: Union[str, os.PathLike], fingerprint: Optional[Mapping[str, str]] = None) -> None:
-        """Read a bank written by `save` into this one, refusing anything else with one line starting with the path.
+    def load_state_tensors(self, tensors: Mapping[str, Tensor], source: str = "prototype bank") -> None:
+        """Copy the `state_tensors()` of a bank of the same classes and dim into this one.
 
-        Only safetensors is read: nothing in the file is ever unpickled or executed.
-
-        Args:
-            path: the bank file.
-            fingerprint: when given, the file's fingerprint must equal it, key for key.
+        Anything else is refused with one line that starts with `source` (the caller's name for where the
+        tensors come from, e.g. a file), and the bank is left as it was.
 
         Raises:
-            FileNotFoundError: no such file.
-            ValueError: a directory, an empty file, not a safetensors bank of `BANK_FORMAT`, other class ids or
-                dim, wrong tensors (names, dtypes, shapes), non-finite sums or negative counts, or a fingerprint
-                that differs (the first differing key is named, with both values).
+            ValueError: other tensor names or dtypes, other class ids, shapes that are not `[N, dim]` / `[N]`,
+                non-finite sums or negative counts.
         """
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: prototype bank file not found")
-        if path.is_dir():
-            raise ValueError(f"{path}: is a directory, not a prototype bank file")
-        if path.stat().st_size == 0:
-            raise ValueError(f"{path}: empty file, not a prototype bank")
         names = ("class_ids", "sums", "counts")
-        try:
-            with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-                metadata, keys = f.metadata() or {}, set(f.keys())
-                if metadata.get("format") == BANK_FORMAT and keys == set(names):
-                    tensors = {name: f.get_tensor(name) for name in names}
-        except SafetensorError as exc:  # a pickle, random bytes, a truncated file: refused before anything is read
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ValueError(f"{path}: not a safetensors prototype bank ({reason})") from None
-        if metadata.get("format") != BANK_FORMAT:
-            raise ValueError(f"{path}: not a prototype bank (no safetensors metadata format={BANK_FORMAT!r})")
-        if keys != set(names):
-            raise ValueError(f"{path}: prototype bank tensors are {sorted(keys)}, expected {sorted(names)}")
-        self._check(path, metadata, tensors)
-        if fingerprint is not None:
-            _check_fingerprint(path, metadata.get("fingerprint"), fingerprint)
-        self.sums.copy_(tensors["sums"].to(self.sums))
-        self.counts.copy_(tensors["counts"].to(self.counts))
-
-    def _check(self, path: Path, metadata: Mapping[str, str], tensors: Mapping[str, Tensor]) -> None:
-        """Refuse a bank file whose tensors or metadata do not fit this bank (see `load`)."""
+        if set(tensors) != set(names):
+            raise ValueError(f"{source}: prototype bank tensors are {sorted(tensors)}, expected {sorted(names)}")
         expected = {"class_ids": torch.int64, "sums": torch.float64, "counts": torch.int64}
         for name, dtype in expected.items():
             if tensors[name].dtype != dtype:
-                raise ValueError(f"{path}: prototype bank tensor {name} is {tensors[name].dtype}, expected {dtype}")
-        if metadata.get("dim") != str(self.dim):
-            raise ValueError(
-                f"{path}: prototype bank was built with dim={metadata.get('dim')}, this model needs dim={self.dim}; "
-                f"rebuild it with `jc2a bank` or delete the file"
-            )
-        n = len(self.class_ids)
+                raise ValueError(f"{source}: prototype bank tensor {name} is {tensors[name].dtype}, expected {dtype}")
         ids, sums, counts = tensors["class_ids"], tensors["sums"], tensors["counts"]
         if ids.tolist() != self.class_ids.tolist():
             raise ValueError(
-                f"{path}: prototype bank was built with class_ids={ids.tolist()}, this model needs "
+                f"{source}: prototype bank was built with class_ids={ids.tolist()}, this model needs "
                 f"class_ids={self.class_ids.tolist()}; rebuild it with `jc2a bank` or delete the file"
             )
+        n = len(self.class_ids)
         if tuple(sums.shape) != (n, self.dim) or tuple(counts.shape) != (n,):
             raise ValueError(
-                f"{path}: prototype bank sums {tuple(sums.shape)} and counts {tuple(counts.shape)} do not fit "
+                f"{source}: prototype bank sums {tuple(sums.shape)} and counts {tuple(counts.shape)} do not fit "
                 f"{n} classes of dim {self.dim}"
             )
         if not bool(torch.isfinite(sums).all()):
-            raise ValueError(f"{path}: prototype bank sums are not all finite")
+            raise ValueError(f"{source}: prototype bank sums are not all finite")
         if bool((counts < 0).any()):
-            raise ValueError(f"{path}: prototype bank has negative counts")
-
-
-def _check_fingerprint(path: Path, stored: Optional[str], expected: Mapping[str, str]) -> None:
-    """Refuse a bank whose fingerprint differs from `expected`, naming the first differing key and both values."""
-    try:
-        theirs = json.loads(stored) if stored is not None else None
-    except json.JSONDecodeError:
-        theirs = None
-    if not isinstance(theirs, dict):
-        raise ValueError(
-            f"{path}: prototype bank has no readable fingerprint; rebuild it with `jc2a bank` or delete the file"
-        )
-    for key in [*expected, *sorted(k for k in theirs if k not in expected)]:
-        if theirs.get(key) != expected.get(key):
-            raise ValueError(
-                f"{path}: prototype bank fingerprint differs at {key!r}: the file has {theirs.get(key)!r}, "
-                f"expected {expected.get(key)!r}; rebuild it with `jc2a bank` or delete the file"
-            )
+            raise ValueError(f"{source}: prototype bank has negative counts")
+        self.sums.copy_(sums.to(self.sums))
+        self.counts.copy_(counts.to(self.counts))

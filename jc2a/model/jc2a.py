@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Mapping, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -311,14 +310,14 @@ def _resize(x: Optional[Tensor], b: int) -> Optional[Tensor]:
     return F.interpolate(x, size=(b, b), mode="bilinear", align_corners=True)
 
 
-def build_model(cfg: Config, bank_fingerprint: Optional[Mapping[str, str]] = None) -> JC2A:
+def build_model(cfg: Config) -> JC2A:
     """Build JC2A from a resolved config: `cfg.model` for the network, `cfg.data` for the bins and the bank.
 
     The bins are scaled to `cfg.data.image_size`; the prototype bank (CKMM) holds the base classes of
-    `cfg.data.dataset` / `cfg.data.fold`. It is read from `cfg.model.ckmm.bank_file` when that file exists
-    (refused if built for other classes or features, or, when `bank_fingerprint` is given, for another
-    fingerprint: see `PrototypeBank.load`), and starts empty otherwise: fill it with `update_bank` (then
-    `prototype_bank.all_reduce()`) and save it there for the next run. A model with an empty bank refuses to run.
+    `cfg.data.dataset` / `cfg.data.fold` and starts empty: fill it with `update_bank` (then
+    `prototype_bank.all_reduce()`), or load a bank file into it (`jc2a.runs.files.load_bank`; `jc2a train` and
+    `jc2a bank` read `cfg.model.ckmm.bank_file`). The model reads no files of its own; a model with CKMM on and
+    an empty bank refuses to run.
     """
     mc = cfg.model
     backbone = create_backbone(
@@ -342,8 +341,6 @@ def build_model(cfg: Config, bank_fingerprint: Optional[Mapping[str, str]] = Non
     bank = None
     if mc.ckmm.enabled:
         bank = PrototypeBank(base_classes(cfg.data.dataset, cfg.data.fold), backbone.channels[-1])
-        if mc.ckmm.bank_file and Path(mc.ckmm.bank_file).exists():
-            bank.load(mc.ckmm.bank_file, bank_fingerprint)
     return JC2A(
         backbone,
         bins,

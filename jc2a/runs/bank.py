@@ -23,6 +23,7 @@ from jc2a.config import Config, ConfigError, load_config
 from jc2a.data.episodes import bank_loader, label_masks, open_shards
 from jc2a.data.locations import ShardSet
 from jc2a.runs.common import bank_fingerprint, make_accelerator, setup_logging, to_device
+from jc2a.runs.files import load_bank, save_bank
 
 log = logging.getLogger("jc2a.runs")
 
@@ -87,19 +88,19 @@ def ensure_bank(accelerator, model, cfg: Config, shards: ShardSet, out: Path, pr
     given = cfg.model.ckmm.bank_file
     if given:
         if Path(given).exists():
-            model.prototype_bank.load(given, fingerprint)
+            load_bank(model.prototype_bank, given, fingerprint)
             return f"loaded {given}"
         log.info("model.ckmm.bank_file %s does not exist yet: building it", given)
         out = Path(given)
     if out.is_file():
         try:
-            model.prototype_bank.load(out, fingerprint)
+            load_bank(model.prototype_bank, out, fingerprint)
             return f"reused {out}"
         except ValueError as exc:
             log.info("not reusing %s: %s", out, exc)
     build_bank(accelerator, model, cfg, shards, progress)
     if accelerator.is_main_process:
-        model.prototype_bank.save(out, fingerprint)
+        save_bank(model.prototype_bank, out, fingerprint)
     accelerator.wait_for_everyone()
     return f"built {out}"
 
@@ -131,7 +132,7 @@ def bank_main(config: Optional[list], overrides: list[str], out: Union[str, os.P
     fingerprint = bank_fingerprint(cfg, model, shards.checksum)
     added = build_bank(accelerator, model, cfg, shards, progress)
     if accelerator.is_main_process:
-        model.prototype_bank.save(out, fingerprint)
+        save_bank(model.prototype_bank, out, fingerprint)
         seen = int(model.prototype_bank.seen.sum())
         print(
             f"CKMM bank: {added} instances of {seen} base classes from {accelerator.num_processes} process(es) -> {out}"

@@ -95,20 +95,12 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict:
 def save_model_file(path: Union[str, os.PathLike], model: nn.Module, cfg: Config, **meta: Any) -> Path:
     """Every tensor the evaluator needs (trainable weights, frozen backbone, buffers, CKMM bank) as safetensors,
     written atomically; the resolved config and `meta` go into the file's metadata."""
-    from safetensors.torch import save_file
+    from jc2a.runs.files import write_safetensors
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {"format": MODEL_FORMAT, "config": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
     metadata.update({k: json.dumps(v) for k, v in meta.items()})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, os.fspath(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_safetensors(path, tensors, metadata)
 
 
 def read_model_file(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

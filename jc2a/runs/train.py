@@ -35,6 +35,7 @@ from jc2a.data.episodes import eval_loader, open_shards, train_loader
 from jc2a.folds import novel_classes
 from jc2a.metrics import FewShotIoU, score_at_original_size
 from jc2a.runs.bank import build_bank, ensure_bank
+from jc2a.runs.files import save_bank
 from jc2a.runs.common import (
     BANK_FILE,
     CONFIG_FILE,
@@ -502,7 +503,7 @@ def _rebuild_bank(accelerator, core, cfg, shards, out: Path, state: TrainState, 
     """A trainable backbone moves layer4, so the bank goes stale: rebuilt (epoch end, and at the end)."""
     build_bank(accelerator, core, cfg, shards, progress)
     if accelerator.is_main_process:
-        core.prototype_bank.save(out, bank_fingerprint(cfg, core, shards.checksum))
+        save_bank(core.prototype_bank, out, bank_fingerprint(cfg, core, shards.checksum))
     accelerator.wait_for_everyone()
     state.bank = f"rebuilt at epoch {state.epoch}, step {state.step} (trainable backbone)"
     log.info("CKMM bank %s -> %s", state.bank, out)
