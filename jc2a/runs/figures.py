@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jc2a.runs.preview import overlay
+from jc2a.runs.preview import overlay, save_figure
 
 GROUND_TRUTH = (255, 220, 0)  # yellow, as the paper's figures
 PREDICTION = (30, 144, 255)  # blue
@@ -63,12 +63,8 @@ def save_prediction_figure(item: Mapping[str, Any], path: Path, class_names: Map
     for ax in axes:
         ax.axis("off")
     class_id = int(item["class_id"])
-    fig.suptitle(f"{title}: episode {item['episode']}, class {class_id} ({class_names.get(class_id, '?')})", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    suptitle = f"{title}: episode {item['episode']}, class {class_id} ({class_names.get(class_id, '?')})"
+    return save_figure(fig, path, suptitle, dpi=90)
 
 
 def _short(key: str, width: int = 28) -> str:

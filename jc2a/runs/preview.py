@@ -48,10 +48,17 @@ def save_episode_figure(episode: dict, path: Path, class_names: dict[int, str], 
         ax.set_title(f"{name}\n{key}", fontsize=7)
         ax.axis("off")
     class_id = int(episode["class_id"])
-    fig.suptitle(f"{title} class {class_id} ({class_names.get(class_id, '?')})", fontsize=9)
+    return save_figure(fig, path, f"{title} class {class_id} ({class_names.get(class_id, '?')})", dpi=80)
+
+
+def save_figure(fig, path: Path, suptitle: str, dpi: int) -> Path:
+    """Title, lay out and write a matplotlib figure as PNG (its folder made), then free it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
