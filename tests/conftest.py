@@ -41,8 +41,9 @@ def toy_cfg(coco_shards):
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    """Every test that makes an Accelerator in this process gets a new accelerate state, and deterministic
-    algorithms (a training option) are off again after it."""
+    """Every test that makes an Accelerator in this process gets a new accelerate state; deterministic
+    algorithms (a training option) are off again after it, and no MLflow run stays active (a test that timed out
+    mid-run must not fail the next one's tracking)."""
     yield
     import sys
 
@@ -52,3 +53,5 @@ def fresh_accelerate_state():
         reset_accelerate_state()
     if "torch" in sys.modules:
         sys.modules["torch"].use_deterministic_algorithms(False)
+    if "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None:  # a test stopped mid-run
+        sys.modules["mlflow"].end_run(status="KILLED")

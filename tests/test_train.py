@@ -211,6 +211,41 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(coco_shards, tmp_path, mo
     assert {"config.yaml", "bank.safetensors", "model.safetensors", "metrics.jsonl"} <= artifacts
 
 
+@pytest.mark.parametrize("interrupt, status", [(KeyboardInterrupt, "KILLED"), (OSError, "FAILED")])
+def test_an_interrupted_run_ends_its_mlflow_run(coco_shards, tmp_path, monkeypatch, interrupt, status):
+    """Ctrl-C or an error mid-run: the MLflow run is ended (KILLED / FAILED), not left running, and the next run
+    in the same process is tracked (an active run left behind made its start fail)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    import jc2a.runs.train as train_module
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    real_save = train_module.save_checkpoint
+
+    def stop(*args, **kwargs):
+        raise interrupt("stopped at the first checkpoint")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", stop)
+    with pytest.raises(interrupt):
+        run_train(coco_shards, tmp_path / "a", "train.max_steps=2", "train.save_every=1", "train.tracking=mlflow",
+                  "model.backbone.frozen=true")  # fmt: skip
+    assert mlflow.active_run() is None
+    client = MlflowClient(uri)
+    (stopped,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert stopped.info.status == status
+    assert [m.step for m in client.get_metric_history(stopped.info.run_id, "loss")] == [1]
+
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    from jc2a.runs.common import reset_accelerate_state
+
+    reset_accelerate_state()
+    out = run_train(coco_shards, tmp_path / "b", "train.max_steps=1", "train.tracking=mlflow",
+                    "model.backbone.frozen=true")  # fmt: skip
+    assert out["mlflow_run_id"] is not None and client.get_run(out["mlflow_run_id"]).info.status == "FINISHED"
+
+
 def test_unreachable_mlflow_store_costs_a_warning_not_the_run(coco_shards, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -236,6 +236,20 @@ class RunLog:
             log.warning("MLflow %s failed (%s); tracking off, metrics stay in %s", what, exc, self.path)
         self.warned, self.mlflow = True, False
 
+    def end_interrupted(self, exc: BaseException) -> None:
+        """End the MLflow run of a run that did not finish: KILLED for Ctrl-C (or a test's timeout), FAILED for an
+        error. The store then does not show it running forever, and this process can start another run (an
+        active run left behind makes the next `mlflow.start_run` fail). Resuming continues the same run id."""
+        if not self.mlflow:
+            return
+        try:
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                mlflow.end_run(status="FAILED" if isinstance(exc, Exception) else "KILLED")
+        except Exception as err:  # the store may be what failed: the run's own error matters more
+            log.warning("MLflow end_run failed (%s) while stopping on %s", err, type(exc).__name__)
+
     def start(self, experiment: str, run_name: str, params: dict, run_id: Optional[str], tags: dict) -> Optional[str]:
         """Open (or continue, with `run_id`) the MLflow run; its id, or None when tracking is off or failed."""
         if not self.mlflow:

@@ -345,61 +345,65 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
     )
     runlog.artifact(run_dir / CONFIG_FILE)
 
-    # 5. the loop: micro-batches; at each optimizer step: log, validate, keep the best, checkpoint
-    model.train()
-    stepper = Stepper(accelerator, model, core, optimizer, scheduler, params, cfg.train.clip_grad)
-    show = progress and accelerator.is_main_process
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not show)
-    tick, metrics = time.perf_counter(), {}
-    while state.step < total_steps:
-        loader.set_epoch(state.epoch, start=state.batch)
-        for batch in loader:
-            state.batch += 1
-            if not stepper.micro(to_device(batch, accelerator.device), state):  # 5a. forward, backward, step
+    try:
+        # 5. the loop: micro-batches; at each optimizer step: log, validate, keep the best, checkpoint
+        model.train()
+        stepper = Stepper(accelerator, model, core, optimizer, scheduler, params, cfg.train.clip_grad)
+        show = progress and accelerator.is_main_process
+        bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not show)
+        tick, metrics = time.perf_counter(), {}
+        while state.step < total_steps:
+            loader.set_epoch(state.epoch, start=state.batch)
+            for batch in loader:
+                state.batch += 1
+                if not stepper.micro(to_device(batch, accelerator.device), state):  # 5a. forward, backward, step
+                    continue
+                state.step += 1
+                bar.update(1)
+                if cfg.train.trace_ranks:
+                    _trace(run_dir, rank, state.step, batch, params)
+                last = state.step == total_steps
+                if state.step % cfg.train.log_every == 0 or last:  # 5b. float metrics with an explicit step
+                    state.skipped_records += loader.skipped_records
+                    loader.skipped_records = 0
+                    metrics = stepper.metrics(state, time.perf_counter() - tick, cfg.train.batch_size)
+                    runlog.log(metrics, state.step)
+                    eps = metrics["episodes_per_s"]
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", episodes_s=f"{eps:.1f}")
+                    tick = time.perf_counter()
+                if (cfg.train.val_every and state.step % cfg.train.val_every == 0) or last:  # 5c. validation
+                    metrics.update(_validate_and_keep_best(accelerator, core, cfg, val_shards, state, runlog, run_dir))
+                if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or last:  # 5d. checkpoint
+                    target = run_dir / "checkpoints" / f"step-{state.step}"
+                    save_checkpoint(accelerator, target, state, cfg.train.keep_checkpoints)
+                if last:
+                    break
+            else:  # the epoch is over
+                state.epoch, state.batch = state.epoch + 1, 0
+                if core.prototype_bank is not None and not core.backbone.frozen and state.step < total_steps:
+                    _rebuild_bank(accelerator, core, cfg, train_shards, bank_out, state, runlog, progress)
                 continue
-            state.step += 1
-            bar.update(1)
-            if cfg.train.trace_ranks:
-                _trace(run_dir, rank, state.step, batch, params)
-            last = state.step == total_steps
-            if state.step % cfg.train.log_every == 0 or last:  # 5b. float metrics with an explicit step
-                state.skipped_records += loader.skipped_records
-                loader.skipped_records = 0
-                metrics = stepper.metrics(state, time.perf_counter() - tick, cfg.train.batch_size)
-                runlog.log(metrics, state.step)
-                eps = metrics["episodes_per_s"]
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", episodes_s=f"{eps:.1f}")
-                tick = time.perf_counter()
-            if (cfg.train.val_every and state.step % cfg.train.val_every == 0) or last:  # 5c. validation
-                metrics.update(_validate_and_keep_best(accelerator, core, cfg, val_shards, state, runlog, run_dir))
-            if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or last:  # 5d. checkpoint
-                target = run_dir / "checkpoints" / f"step-{state.step}"
-                save_checkpoint(accelerator, target, state, cfg.train.keep_checkpoints)
-            if last:
-                break
-        else:  # the epoch is over
-            state.epoch, state.batch = state.epoch + 1, 0
-            if core.prototype_bank is not None and not core.backbone.frozen and state.step < total_steps:
-                _rebuild_bank(accelerator, core, cfg, train_shards, bank_out, state, runlog, progress)
-            continue
-        break
-    bar.close()
+            break
+        bar.close()
 
-    # 6. final files: model.safetensors (weights, buffers, bank), bank.safetensors; MLflow artifacts
-    if core.prototype_bank is not None and not core.backbone.frozen:
-        _rebuild_bank(accelerator, core, cfg, train_shards, bank_out, state, runlog, progress)
-    state.skipped_records += loader.skipped_records
-    if accelerator.is_main_process:
-        save_model_file(run_dir / MODEL_FILE, core, cfg, step=state.step, skipped_steps=state.skipped_steps)
-        (run_dir / "train_summary.json").write_text(
-            json.dumps({**dataclasses.asdict(state), "last": metrics}, indent=1)
-        )
-    accelerator.wait_for_everyone()
-    for name in (CONFIG_FILE, BANK_FILE, MODEL_FILE, "metrics.jsonl"):
-        if (run_dir / name).exists():
-            runlog.artifact(run_dir / name)
-    summary = {**metrics, "step": state.step, "skipped_steps": state.skipped_steps, "run_dir": str(run_dir)}
-    summary["mlflow_run_id"] = state.mlflow_run_id
+        # 6. final files: model.safetensors (weights, buffers, bank), bank.safetensors; MLflow artifacts
+        if core.prototype_bank is not None and not core.backbone.frozen:
+            _rebuild_bank(accelerator, core, cfg, train_shards, bank_out, state, runlog, progress)
+        state.skipped_records += loader.skipped_records
+        if accelerator.is_main_process:
+            save_model_file(run_dir / MODEL_FILE, core, cfg, step=state.step, skipped_steps=state.skipped_steps)
+            (run_dir / "train_summary.json").write_text(
+                json.dumps({**dataclasses.asdict(state), "last": metrics}, indent=1)
+            )
+        accelerator.wait_for_everyone()
+        for name in (CONFIG_FILE, BANK_FILE, MODEL_FILE, "metrics.jsonl"):
+            if (run_dir / name).exists():
+                runlog.artifact(run_dir / name)
+        summary = {**metrics, "step": state.step, "skipped_steps": state.skipped_steps, "run_dir": str(run_dir)}
+        summary["mlflow_run_id"] = state.mlflow_run_id
+    except BaseException as exc:  # Ctrl-C, a scheduler's timeout, an error: the MLflow run must not stay open
+        runlog.end_interrupted(exc)
+        raise
     close_accelerator(accelerator, model, optimizer, scheduler)
     return summary
 
