@@ -47,12 +47,17 @@ def _model(device: torch.device) -> torch.nn.Module:
     """JC2A as the paper runs it (ResNet50, 473, HPAM + CKMM), random init, its CKMM bank filled with random
     prototypes (the map's cost does not depend on their values)."""
     cfg = load_config(None, [f"data.image_size={SIZE}", "model.backbone.pretrained=false"])
-    model = build_model(cfg)
+    return fill_bank_at_random(build_model(cfg)).to(device).eval()
+
+
+def fill_bank_at_random(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """`model` with its CKMM bank holding seeded random prototypes, one instance per class: what a benchmark needs
+    (the map's cost does not depend on the values), without a bank pass."""
     bank = model.prototype_bank
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     bank.sums.copy_(torch.randn(bank.sums.shape, generator=generator, dtype=torch.float64))
     bank.counts.fill_(1)
-    return model.to(device).eval()
+    return model
 
 
 def _eval_step(model, meter: FewShotIoU, inputs: tuple, autocast: Callable) -> None:

@@ -19,16 +19,13 @@ def _model(name: str, size: int, device: torch.device):
     """JC2A with a randomly initialised `name` backbone at input `size`, a random CKMM bank, in train mode."""
     from jc2a.config import load_config
     from jc2a.model import build_model
+    from jc2a.runs.bench_eval import fill_bank_at_random
 
     torch.manual_seed(0)
     cfg = load_config(
         None, [f"model.backbone.name={name}", "model.backbone.pretrained=false", f"data.image_size={size}"]
     )
-    model = build_model(cfg).to(device)
-    bank = model.prototype_bank
-    bank.sums.normal_()
-    bank.counts.fill_(1)
-    return model.train(), cfg
+    return fill_bank_at_random(build_model(cfg)).to(device).train(), cfg
 
 
 def _batch(batch: int, size: int, shot: int, device: torch.device) -> dict:
@@ -125,13 +122,13 @@ def _stages(model, data: dict, autocast, device: torch.device) -> dict[str, floa
 def measure_loop(steps: int = 24, workers: int = 2) -> dict:
     """Episodes/s of the whole toy training loop (loader, step, logging, a checkpoint) and of the same model's
     step alone on one batch, measured in this process one after the other."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     from jc2a.config import load_config
     from jc2a.data.coco import CocoSource
     from jc2a.data.episodes import open_shards, train_loader
     from jc2a.data.shards import write_shards
     from jc2a.data.toy import write_toy_coco
+    from jc2a.runs.bench_eval import fill_bank_at_random
+    from jc2a.runs.common import reset_accelerate_state
     from jc2a.runs.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,8 +144,7 @@ def measure_loop(steps: int = 24, workers: int = 2) -> dict:
         ]  # fmt: skip
         cfg = load_config(ROOT / "configs/toy.yaml", overrides)
         train(cfg, progress=False)
-        for reset in (AcceleratorState._reset_state, GradientState._reset_state, PartialState._reset_state):
-            reset(True) if reset is AcceleratorState._reset_state else reset()
+        reset_accelerate_state()
         lines = [json.loads(x) for x in (work / "run/metrics.jsonl").read_text().splitlines()]
         rates = [m["episodes_per_s"] for m in lines if "episodes_per_s" in m][1:]  # the first window warms up
         loop = sum(rates) / len(rates)
@@ -156,10 +152,7 @@ def measure_loop(steps: int = 24, workers: int = 2) -> dict:
         from jc2a.model import build_model
 
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg)
-        model.prototype_bank.sums.normal_()
-        model.prototype_bank.counts.fill_(1)
-        model.train()
+        model = fill_bank_at_random(build_model(cfg)).train()
         batch = next(iter(train_loader(cfg, model.backbone.mean, rank=0, world=1, shards=open_shards(cfg, "train"))))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9)

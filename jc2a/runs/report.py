@@ -343,6 +343,11 @@ def _pair(one: float, five: float, fb_one: Optional[float] = None, fb_five: Opti
     return f"{cell(one, fb_one)} | {cell(five, fb_five)}"
 
 
+def table3_config(row: str) -> str:
+    """The config file of a row of the paper's Table 3 (`PAPER_ABLATION`'s keys), relative to the repository."""
+    return f"configs/ablation/table3_{row.replace('+', '_')}.yaml"
+
+
 def reproduction_markdown() -> str:
     """A row per row of the paper's Tables 1-6 (JC2A's and the baselines this code builds): the configs that
     compose it and the paper's 1-shot / 5-shot mIoU (FB-IoU), mean over the four folds. The README holds this text
@@ -370,10 +375,8 @@ def reproduction_markdown() -> str:
                 )
     base = "configs/pascal5i.yaml"
     for row, (params, one, five) in PAPER_ABLATION.items():
-        config = {"p2p+p2b": "table3_p2p_p2b"}.get(row, f"table3_{row}")
         rows.append(
-            f"| 3 | PASCAL-5i | ResNet50 | {row} ({params:.2f} M) | `{base} configs/ablation/{config}.yaml` | "
-            f"{_pair(one, five)} |"
+            f"| 3 | PASCAL-5i | ResNet50 | {row} ({params:.2f} M) | `{base} {table3_config(row)}` | {_pair(one, five)} |"
         )
     files = {"softmax": "table4_na", "linear_bn": "table4_nla", "cosine": "table4_cosine",
              "linear_relu/no_pe": "table4_no_pe", "linear_relu": "table4_ours"}  # fmt: skip

@@ -22,8 +22,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = ("baseline", "p2p", "p2b", "p2p+p2b", "ckmm", "all")
-FILES = {"p2p+p2b": "table3_p2p_p2b"}
 MARKERS = ("<!-- toy-table3:start -->", "<!-- toy-table3:end -->")
+
+
+def _run_dir(out: Path, row: str, seed: int) -> Path:
+    return out / f"{row.replace('+', '_')}-seed{seed}"
 
 
 def run_row(row: str, seed: int, shards: Path, out: Path, steps: int, episodes: int) -> dict:
@@ -32,10 +35,11 @@ def run_row(row: str, seed: int, shards: Path, out: Path, steps: int, episodes: 
     from jc2a.data.episodes import open_shards
     from jc2a.runs.common import close_accelerator, load_trained_model, make_accelerator, reset_accelerate_state
     from jc2a.runs.evaluate import evaluate_episodes
+    from jc2a.runs.report import table3_config
     from jc2a.runs.train import train
 
-    run_dir = out / f"{row.replace('+', '_')}-seed{seed}"
-    configs = [ROOT / "configs/demo.yaml", ROOT / "configs/ablation" / f"{FILES.get(row, f'table3_{row}')}.yaml"]
+    run_dir = _run_dir(out, row, seed)
+    configs = [ROOT / "configs/demo.yaml", ROOT / table3_config(row)]
     overrides = [f"data.shards={shards}", f"train.output_dir={run_dir}", f"train.seed={seed}",
                  f"train.max_steps={steps}", f"train.save_every={steps}", "train.val_every=0", "train.tracking=none",
                  "data.eval_seeds=[0]"]  # fmt: skip
@@ -66,8 +70,7 @@ def previous_runs(path: Path, steps: int, episodes: int) -> dict[tuple[str, int]
     kept = {}
     for r in runs:
         same = r.get("steps", steps) == steps and r.get("episodes", episodes) == episodes
-        run_dir = path.parent / f"{r['row'].replace('+', '_')}-seed{r['seed']}"
-        if same and (run_dir / "model.safetensors").is_file():
+        if same and (_run_dir(path.parent, r["row"], r["seed"]) / "model.safetensors").is_file():
             kept[(r["row"], r["seed"])] = r
     return kept
 
