@@ -8,16 +8,22 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "jc2a"
 
 
+def imported(tree: ast.AST) -> set[str]:
+    """Every module a parsed file imports, anywhere in it (lazy imports included)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
 def imports(folder: str) -> dict[str, set[str]]:
     """Module file -> the jc2a (and timm) modules it imports, anywhere in the file (lazy imports included)."""
     out = {}
     for path in sorted((PACKAGE / folder).rglob("*.py")):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names.add(node.module)
-            elif isinstance(node, ast.Import):
-                names.update(alias.name for alias in node.names)
+        names = imported(ast.parse(path.read_text()))
         out[str(path.relative_to(PACKAGE))] = {n for n in names if n.split(".")[0] in ("jc2a", "timm")}
     return out
 
@@ -52,12 +58,7 @@ def test_model_reads_and_writes_no_files():
     passes on is a backbone weights file, to timm (the loading path timm owns), in backbone.py."""
     for path in sorted((PACKAGE / "model").rglob("*.py")):
         tree = ast.parse(path.read_text())
-        modules = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                modules.add(node.module.split(".")[0])
-            elif isinstance(node, ast.Import):
-                modules.update(alias.name.split(".")[0] for alias in node.names)
+        modules = {name.split(".")[0] for name in imported(tree)}
         calls = {
             ast.unparse(node.func)
             for node in ast.walk(tree)
