@@ -35,7 +35,6 @@ from jc2a.data.episodes import eval_loader, open_shards, train_loader
 from jc2a.folds import novel_classes
 from jc2a.metrics import FewShotIoU, score_at_original_size
 from jc2a.runs.bank import build_bank, ensure_bank
-from jc2a.runs.files import save_bank
 from jc2a.runs.common import (
     BANK_FILE,
     CONFIG_FILE,
@@ -52,6 +51,7 @@ from jc2a.runs.common import (
     to_device,
     tracking_uri,
 )
+from jc2a.runs.files import save_bank
 
 log = logging.getLogger("jc2a.runs")
 
