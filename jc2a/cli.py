@@ -17,6 +17,7 @@ COMMANDS = {
     "preview": ("jc2a.runs.preview", "stream episodes from shards and save them as pictures"),
     "bank": ("jc2a.runs.bank", "build CKMM's prototype bank over a fold's base-class training images"),
     "train": ("jc2a.runs.train", "train JC2A (accelerate: CPU, 1 GPU, N GPUs, N nodes, DeepSpeed)"),
+    "convert-weights": ("jc2a.runs.convert_weights", "convert PFENet's ResNet .pth weights for pfenet_resnet50/101"),
     "eval": ("jc2a.runs.evaluate", "evaluate a trained model at the paper's protocol: results.json/.md, figures"),
     "predict": ("jc2a.runs.predict", "segment your own query images from K annotated support images"),
     "demo": ("jc2a.runs.demo", "the main job on the built-in toy data: train, evaluate, show that JC2A learns"),

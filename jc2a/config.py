@@ -57,6 +57,7 @@ class DataConfig:
     train_split: str = "train"  # shard name prefix of the training split
     val_split: str = "val"  # shard name prefix of the evaluation split
     image_size: int = 473  # square crop / canvas; (size - 1) % 8 == 0
+    eval_resize: str = "resize"  # evaluation canvas: resize (PFENet's configs: also upscales) | test_resize
     min_pixels: int = 2048  # 2*32*32, PFENet's filter on a usable (image, class) pair
     protocol: str = "pfenet"  # episode semantics: pfenet (the paper's, default) | hsnet
     filter_novel: bool = False  # BAM: drop training images holding any novel-class pixel
@@ -77,10 +78,11 @@ class DataConfig:
 class BackboneConfig:
     """A timm CNN used as a four-stage, stride-8 feature extractor (SPEC §2 Backbone)."""
 
-    name: str = "resnet50"  # a timm CNN with four stages and dilation (resnet50, resnet101, ...)
+    name: str = "resnet50.tv_in1k"  # a timm CNN with four stages and dilation; .tv_in1k: torchvision's weights
     pretrained: bool = True  # timm's pretrained weights (hub or local file)
     weights: Optional[str] = None  # local weights file, for machines with no hub
     frozen: bool = True  # requires_grad_(False) and kept in eval()
+    train_bn: bool = False  # PFENet: the frozen backbone's BatchNorm in train mode (batch statistics, moving)
 
 
 @dataclass
@@ -128,11 +130,14 @@ class TrainConfig:
     output_dir: str = "runs/default"  # the run folder: config, bank, checkpoints, model, metrics
     epochs: int = 50  # PFENet: 50 (COCO), 200 (PASCAL)
     batch_size: int = 4  # per process
-    lr: float = 2.5e-3  # the paper's figure (PFENet's code configures 2.5e-4 and multiplies by 10)
+    lr: float = 0.025  # per global batch of lr_batch: PFENet's effective lr (0.0025 configured x scale_lr 10)
+    lr_batch: int = 4  # the global batch `lr` is written for (PFENet and the paper: 4 on one GPU)
+    scale_lr: bool = True  # lr x global batch / lr_batch, global batch = processes x batch_size x grad_accum
     momentum: float = 0.9  # SGD
     weight_decay: float = 1e-4  # SGD
     power: float = 0.9  # poly schedule
     mixed_precision: str = "fp16"  # no | fp16 | bf16 (accelerate)
+    cpu_fp16: bool = False  # fp16 on a CPU too (torch autocast + GradScaler; slow): tests fp16 numerics without a GPU
     max_steps: int = 0  # optimizer steps in all; 0 = epochs x batches per epoch. Fixes the poly schedule
     grad_accum: int = 1  # micro-batches per optimizer step (accelerate's gradient accumulation)
     clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
@@ -140,6 +145,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # most recent checkpoints kept under output_dir/checkpoints
     val_every: int = 500  # steps between validations; 0 = only at the end
     val_episodes: int = 200  # validation: this prefix of the evaluation episode list (novel classes)
+    val_full_every: int = 0  # steps between validations on the whole list (data.eval_episodes); picks best/; 0 = off
     log_every: int = 10  # steps between logged metrics
     tracking: str = "mlflow"  # mlflow | none
     experiment: str = ""  # MLflow experiment; "" = the dataset name
@@ -271,6 +277,7 @@ def _ranges(cfg: Config) -> dict[str, tuple[Any, Any]]:
         "train.epochs": (t.epochs, count),
         "train.batch_size": (t.batch_size, count),
         "train.lr": (t.lr, positive),
+        "train.lr_batch": (t.lr_batch, count),
         "train.momentum": (t.momentum, rule(lambda v: 0 <= v < 1, "in [0, 1)")),
         "train.weight_decay": (t.weight_decay, non_negative),
         "train.power": (t.power, positive),
@@ -281,6 +288,7 @@ def _ranges(cfg: Config) -> dict[str, tuple[Any, Any]]:
         "train.keep_checkpoints": (t.keep_checkpoints, count),
         "train.val_every": (t.val_every, non_negative),
         "train.val_episodes": (t.val_episodes, count),
+        "train.val_full_every": (t.val_full_every, non_negative),
         "train.log_every": (t.log_every, count),
     }
 
@@ -302,6 +310,7 @@ def _check(cfg: Config, sources: dict[str, str]) -> None:
         "model.mia": (cfg.model.mia, {"concat", "add", "multiply"}),
         "train.mixed_precision": (cfg.train.mixed_precision, {"no", "fp16", "bf16"}),
         "data.protocol": (cfg.data.protocol, {"pfenet", "hsnet"}),
+        "data.eval_resize": (cfg.data.eval_resize, {"resize", "test_resize"}),
         "train.tracking": (cfg.train.tracking, {"mlflow", "none"}),
     }
     for key, (value, allowed) in choices.items():

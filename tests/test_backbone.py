@@ -1,5 +1,5 @@
 """The timm backbone: channels and strides from feature_info, freezing, local weights, refusals, normalisation,
-the split at layer4, the weights digest, and the model package's layering."""
+the split at layer4, the weights digest, the model package's layering, PFENet's backbone and `weights_source`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ import pytest
 import timm
 import torch
 
-from jc2a.model.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone, feature_size, normalization
+from jc2a.model.backbone import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    create_backbone,
+    feature_size,
+    normalization,
+    weights_source,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,9 +68,19 @@ def test_trainable_option():
 
 
 def test_missing_local_weights_names_the_path(tmp_path):
+    from jc2a.runs.files import read_weights
+
     path = tmp_path / "nowhere" / "resnet18.pth"
     with pytest.raises(FileNotFoundError, match=str(path)):
-        create_backbone("resnet18", weights=str(path))
+        read_weights(path)
+
+
+def local_backbone(name: str, path: Path, **kwargs) -> Backbone:
+    """A backbone with a local weights file, read as the run layer reads it (the model reads no files)."""
+    from jc2a.runs.files import read_weights
+
+    tensors, source = read_weights(path)
+    return create_backbone(name, state_dict=tensors, source=source, where=str(path), **kwargs)
 
 
 def test_local_weights_file_is_loaded(tmp_path):
@@ -70,7 +88,7 @@ def test_local_weights_file_is_loaded(tmp_path):
     full = timm.create_model("resnet18", pretrained=False)
     path = tmp_path / "resnet18.pth"
     torch.save(full.state_dict(), path)
-    bb = create_backbone("resnet18", pretrained=False, weights=str(path))
+    bb = local_backbone("resnet18", path)
     reference = full.state_dict()
     loaded = bb.features.state_dict()
     assert len(loaded) > 100
@@ -186,3 +204,198 @@ def test_model_package_does_not_import_the_data_package():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+# PFENet's own backbone (pfenet_resnet50/101): the deep stem, PFENet's dilations, weights files, weights_source.
+
+
+def _dilated(features, stage):
+    return [(b.conv2.dilation, b.conv2.padding, b.conv2.stride) for b in features.get_submodule(stage)]
+
+
+def test_pfenet_resnet50_stem_dilations_and_shapes():
+    bb = create_backbone("pfenet_resnet50", pretrained=False)
+    f = bb.features
+    stem = [f.conv1[0], f.conv1[3], f.conv1[6]]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in stem] == [
+        (3, 64, (3, 3), (2, 2)), (64, 64, (3, 3), (1, 1)), (64, 128, (3, 3), (1, 1))
+    ]  # fmt: skip
+    assert [f.conv1[1].num_features, f.conv1[4].num_features, f.bn1.num_features] == [64, 64, 128]
+    assert f.layer1[0].conv1.in_channels == 128
+    down = f.layer1[0].downsample  # plain 1x1 conv + BN, no avg-pool
+    assert [type(m).__name__ for m in down] == ["Conv2d", "BatchNorm2d"] and down[0].kernel_size == (1, 1)
+    assert [len(f.layer1), len(f.layer2), len(f.layer3), len(f.layer4)] == [3, 4, 6, 3]
+    assert _dilated(f, "layer3") == [((2, 2), (2, 2), (1, 1))] * 6  # every block, the first one too
+    assert _dilated(f, "layer4") == [((4, 4), (4, 4), (1, 1))] * 3
+    assert f.layer3[0].downsample[0].stride == (1, 1) and f.layer4[0].downsample[0].stride == (1, 1)
+    assert _dilated(f, "layer2") == [((1, 1), (1, 1), (2, 2))] + [((1, 1), (1, 1), (1, 1))] * 3
+    assert bb.channels == [256, 512, 1024, 2048] and bb.reductions == [4, 8, 8, 8]
+    assert bb.mean == IMAGENET_MEAN and bb.std == IMAGENET_STD and bb.weights_source == "random init"
+    x = torch.randn(1, 3, 129, 129)
+    feats = bb(x)
+    assert [tuple(t.shape) for t in feats] == [(1, 256, 33, 33), (1, 512, 17, 17), (1, 1024, 17, 17), (1, 2048, 17, 17)]
+    # the patch matters: timm's output_stride=8 alone gives the first blocks the previous dilation
+    plain = timm.create_model(
+        "resnet50", stem_type="deep", stem_width=64, features_only=True, out_indices=(1, 2, 3, 4), output_stride=8
+    ).eval()
+    assert plain.layer3[0].conv2.dilation == (1, 1) and plain.layer4[0].conv2.dilation == (2, 2)
+    with torch.no_grad():
+        for m in bb.features.modules():  # timm zero-inits each block's last BN: make the 3x3 convs count
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+        feats = bb(x)
+        plain.load_state_dict(bb.features.state_dict())
+        unpatched = plain(x)
+    assert torch.equal(unpatched[1], feats[1]) and not torch.allclose(unpatched[2], feats[2])
+    assert torch.equal(bb.forward_layer4(bb.forward_to_layer3(x)[2]), feats[3])  # PFENet's prior can split it
+
+
+def test_pfenet_resnet101_builds_patched():
+    bb = create_backbone("pfenet_resnet101", pretrained=False)
+    f = bb.features
+    assert [len(f.layer1), len(f.layer2), len(f.layer3), len(f.layer4)] == [3, 4, 23, 3]
+    assert [f.conv1[0].out_channels, f.conv1[3].out_channels, f.conv1[6].out_channels] == [64, 64, 128]
+    assert _dilated(f, "layer3") == [((2, 2), (2, 2), (1, 1))] * 23
+    assert _dilated(f, "layer4") == [((4, 4), (4, 4), (1, 1))] * 3
+    assert bb.channels == [256, 512, 1024, 2048] and bb.reductions == [4, 8, 8, 8] and bb.can_split
+
+
+@pytest.mark.parametrize("name, source", [("pfenet_resnet50", "resnet50_v2"), ("pfenet_resnet101", "resnet101_v2")])
+def test_pfenet_hub_weights_refused_in_one_line(name, source):
+    with pytest.raises(ValueError) as err:
+        create_backbone(name, pretrained=True)
+    msg = str(err.value)
+    assert "\n" not in msg and name in msg and f"initmodel/{source}.pth" in msg
+    assert "jc2a convert-weights" in msg and "model.backbone.weights=" in msg
+
+
+def test_normalization_of_pfenet_backbones_is_imagenets(caplog):
+    with caplog.at_level("WARNING", logger="jc2a.model.backbone"):
+        assert normalization("pfenet_resnet50") == (IMAGENET_MEAN, IMAGENET_STD)
+        assert normalization("pfenet_resnet101") == (IMAGENET_MEAN, IMAGENET_STD)
+    assert not caplog.text  # known names: no fallback warning
+
+
+def test_weights_source_strings(tmp_path):
+    assert weights_source("resnet50", pretrained=True) == "timm:resnet50.a1_in1k"  # timm's default tag
+    assert weights_source("resnet50.tv_in1k", pretrained=True) == "timm:resnet50.tv_in1k"
+    assert weights_source("resnet101", pretrained=True) == "timm:resnet101.a1h_in1k"
+    assert weights_source("resnet50", pretrained=False) == "random init"
+    assert weights_source("pfenet_resnet50", pretrained=False) == "random init"
+    with pytest.raises(ValueError, match=r"'resnet50\.nope'.*Invalid pretrained tag"):
+        weights_source("resnet50.nope", pretrained=True)
+    with pytest.raises(ValueError, match="convert-weights"):
+        weights_source("pfenet_resnet101", pretrained=True)
+
+
+def test_backbone_records_its_weights_source(tmp_path):
+    assert create_backbone("resnet18").weights_source == "random init"
+    torch.manual_seed(0)
+    path = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert local_backbone("resnet18", path).weights_source == f"file:resnet18.pth sha256:{digest}"
+    features = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3, 4), output_stride=8)
+    assert Backbone(features, "resnet18").weights_source == "unknown"  # the old signature still works
+    assert Backbone(features, "resnet18", weights_source="timm:resnet18.a1_in1k").weights_source.endswith("a1_in1k")
+
+
+@pytest.fixture(scope="module")
+def pfenet_file(tmp_path_factory):
+    """A timm-layout pfenet_resnet50 safetensors file (random weights, a classifier too) and its tensors."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    full = timm.create_model("resnet50", stem_type="deep", stem_width=64)
+    with torch.no_grad():
+        for m in full.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    state = {k: v.contiguous() for k, v in full.state_dict().items()}
+    path = tmp_path_factory.mktemp("pfenet_weights") / "full.safetensors"
+    save_file(state, str(path))
+    return path, state
+
+
+def test_pfenet_weights_file_is_loaded_strictly(pfenet_file, tmp_path):
+    from safetensors.torch import save_file
+
+    path, state = pfenet_file
+    bb = local_backbone("pfenet_resnet50", path)
+    loaded = bb.features.state_dict()
+    assert len(loaded) == 330 and not any(k.startswith("fc.") for k in loaded)  # the classifier is skipped
+    for key, value in loaded.items():
+        assert torch.equal(value, state[key]), key
+    assert _dilated(bb.features, "layer3") == [((2, 2), (2, 2), (1, 1))] * 6  # loaded into the patched network
+    assert bb.weights_source.startswith("file:full.safetensors sha256:")
+
+    missing = {k: v for k, v in state.items() if k != "layer4.2.conv3.weight"}
+    save_file(missing, str(tmp_path / "missing.safetensors"))  # timm's own file loading would let it pass
+    with pytest.raises(ValueError, match=r"missing\.safetensors: weights .* lack 'layer4\.2\.conv3\.weight'"):
+        local_backbone("pfenet_resnet50", tmp_path / "missing.safetensors")
+    # a key under a module the features have, which they do not hold (a deeper network's block): refused; a key
+    # under a module features_only drops (a classifier, a head) is skipped
+    extra = dict(state, **{"layer4.3.conv1.weight": torch.zeros(2), "head.fc.weight": torch.zeros(2)})
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ValueError, match=r"extra\.safetensors: unexpected key 'layer4\.3\.conv1\.weight'"):
+        local_backbone("pfenet_resnet50", tmp_path / "extra.safetensors")
+    bad = dict(state, **{"conv1.3.weight": torch.zeros(64, 3, 3, 3)})
+    save_file(bad, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(ValueError, match=r"'conv1\.3\.weight' has shape \[64, 3, 3, 3\], .* needs \[64, 64, 3, 3\]"):
+        local_backbone("pfenet_resnet50", tmp_path / "shape.safetensors")
+    (tmp_path / "noise.bin").write_bytes(b"\x07 not weights at all")
+    with pytest.raises(ValueError, match=r"noise\.bin: neither a safetensors nor a torch weights file"):
+        local_backbone("pfenet_resnet50", tmp_path / "noise.bin")
+
+
+def test_a_local_weights_file_missing_a_tensor_is_refused_for_every_backbone(tmp_path):
+    """timm's own file loading of a features_only model is not strict (a missing tensor stays random): jc2a's is,
+    for timm names as for PFENet's variants. The classifier, which features_only drops, may be in the file."""
+    full = timm.create_model("resnet18").state_dict()
+    del full["layer4.1.bn2.running_var"]
+    torch.save(full, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"partial\.pth.*lack 'layer4\.1\.bn2\.running_var'"):
+        local_backbone("resnet18", tmp_path / "partial.pth")
+
+
+def test_pfenet_configs_build_their_backbone():
+    from jc2a.config import load_config
+    from jc2a.model.jc2a import build_model
+
+    base = REPO / "configs/base.yaml"
+    cfg = load_config([base, REPO / "configs/backbone/pfenet_resnet50.yaml"], ["model.backbone.pretrained=false"])
+    assert cfg.model.backbone.name == "pfenet_resnet50" and cfg.model.backbone.weights is None
+    model = build_model(cfg)
+    assert model.backbone.name == "pfenet_resnet50" and model.backbone.channels == [256, 512, 1024, 2048]
+    assert _dilated(model.backbone.features, "layer4") == [((4, 4), (4, 4), (1, 1))] * 3
+    assert model.backbone.features.conv1[6].out_channels == 128 and model.backbone.weights_source == "random init"
+    with pytest.raises(ValueError, match="convert-weights"):  # as written (pretrained, no weights): how to convert
+        build_model(load_config([base, REPO / "configs/backbone/pfenet_resnet50.yaml"]))
+    cfg = load_config([base, REPO / "configs/backbone/pfenet_resnet101.yaml"], ["model.backbone.pretrained=false"])
+    assert cfg.model.backbone.name == "pfenet_resnet101"
+    bb = create_backbone(cfg.model.backbone.name, pretrained=cfg.model.backbone.pretrained)
+    assert len(bb.features.layer3) == 23
+    for name in ("pfenet_resnet50", "pfenet_resnet101"):
+        text = (REPO / f"configs/backbone/{name}.yaml").read_text()
+        assert f"jc2a convert-weights initmodel/{name.split('_')[1]}_v2.pth initmodel/{name}.safetensors" in text
+        assert f"model.backbone.weights=initmodel/{name}.safetensors" in text
+
+
+def test_train_bn_moves_the_frozen_backbones_statistics():
+    """PFENet's `model.train()`: the frozen backbone's BatchNorm normalises with batch statistics and moves its
+    running statistics, while its weights stay frozen; the default keeps it in eval (statistics never move)."""
+    x = torch.randn(2, 3, 65, 65) * 3 + 1
+    for train_bn in (False, True):
+        torch.manual_seed(0)
+        bb = create_backbone("resnet18", train_bn=train_bn)
+        before = bb.features.bn1.running_mean.clone()
+        bb.train()
+        assert bb.moves is train_bn and bb.features.bn1.training is train_bn
+        out = bb(x)[3]
+        assert not out.requires_grad and not any(p.requires_grad for p in bb.parameters())  # still frozen
+        assert torch.equal(bb.features.bn1.running_mean, before) is (not train_bn)
+        bb.eval()
+        frozen_stats = bb.features.bn1.running_mean.clone()
+        bb(x)
+        assert torch.equal(bb.features.bn1.running_mean, frozen_stats)  # eval(): no movement either way

@@ -183,3 +183,31 @@ def test_mlflow_gets_the_rows_reports_and_figures(trained, tmp_path, monkeypatch
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results.json", "results.md", "figures"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "figures")] == ["figures/episode-0000.png"]
+
+
+def test_eval_scores_final_and_best_weights(trained, tmp_path):
+    """`--weights final best` scores both in one call: rows, summaries and results.md say which weights they are,
+    the best/ rows are those of best/model.safetensors scored on its own, and the backbone's weights are named."""
+    short = ["--shots", "1", "--seeds", "0", "--episodes", "4", "--figures", "0", "--no-progress"]
+    assert main(["eval", "--checkpoint", str(trained), "--weights", "final", "best", "--out", str(tmp_path / "both"),
+                 *short]) == 0  # fmt: skip
+    both = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert [r["weights"] for r in both["rows"]] == ["final", "best"] and both["weights"] == ["final", "best"]
+    assert {s["weights"] for s in both["summary"]} == {"final", "best"}
+    assert both["checkpoints"]["0-best"] == str(trained / "best" / "model.safetensors")
+    assert {r["backbone_weights"] for r in both["rows"]} == {"random init"}
+    text = (tmp_path / "both" / "results.md").read_text()
+    assert "final weights" in text and "best weights" in text and "selected on the test set" in text
+    reset_accelerate_state()
+    alone = tmp_path / "alone"
+    assert main(["eval", "--checkpoint", str(trained / "best" / "model.safetensors"), "--out", str(alone),
+                 *short]) == 0  # fmt: skip
+    best = json.loads((alone / "results.json").read_text())["rows"][0]
+    assert numbers({"rows": [both["rows"][1]]}) == numbers({"rows": [best]})
+
+
+def test_best_weights_of_a_bare_model_file_are_refused(trained, capsys):
+    assert main(["eval", "--checkpoint", str(trained / "model.safetensors"), "--weights", "best",
+                 "--no-progress"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert "best/model.safetensors; give the run folder" in err and len(err.splitlines()) == 1

@@ -105,7 +105,8 @@ def test_shape_at_473_once():
 
 def test_public_api_defaults_are_the_paper():
     cfg = load_config()
-    assert cfg.model.backbone.name == "resnet50" and cfg.model.mia == "concat" and cfg.model.hpam.merge == "add"
+    assert cfg.model.backbone.name == "resnet50.tv_in1k" and cfg.model.mia == "concat" and cfg.model.hpam.merge == "add"
+    assert cfg.train.lr == 0.025 and cfg.train.lr_batch == 4 and cfg.train.scale_lr and cfg.data.eval_resize == "resize"
 
 
 def test_frozen_backbone_training_step_touches_only_the_head():

@@ -14,7 +14,6 @@ from PIL import Image
 
 from jc2a.cli import main
 from jc2a.config import load_config, save_config
-from jc2a.metrics import score_at_original_size
 from jc2a.runs.common import CONFIG_FILE, MODEL_FILE, save_model_file
 from jc2a.runs.predict import Predictor, read_image, read_mask
 
@@ -121,20 +120,21 @@ def test_python_api_equals_the_cli(run_dir, files, cli_out):
     assert np.array_equal(single.probability, results[0].probability)
 
 
-def test_mask_is_the_evaluations_scoring_at_the_original_size(run_dir, files):
-    """The canvas logits upsampled as `score_at_original_size` does, cropped to the query's h x w."""
+def test_mask_is_the_canvas_logits_mapped_back_to_the_query(run_dir, files):
+    """The model's canvas logits, the query's region of the canvas resized bilinearly to its h x w."""
     from jc2a.data.transforms import eval_transform
+    from jc2a.runs.predict import canvas_to_image
 
     predictor = Predictor.from_checkpoint(run_dir, device="cpu")
     query, supports = read_image(files["q"]), [read_image(files["s0"])]
     result = predictor.predict(query, supports, [files["mask0"]])
-    canvas = eval_transform(65)
+    canvas = eval_transform(65)  # PFENet's Resize: 97 x 143 -> 40 x 64 on the 65 canvas
     q, _ = canvas(query, np.zeros(query.shape[:2], np.uint8))
     s, m = canvas(supports[0], files["mask0"])
     with torch.no_grad():
         logits = predictor.model(q[None], s[None, None], m[None, None])
-    pred, _ = score_at_original_size(logits[0], torch.zeros(query.shape[:2], dtype=torch.uint8))
-    assert np.array_equal(result.mask, pred[:97, :143].numpy())
+    expected = canvas_to_image(logits[0], (40, 64), (97, 143)).argmax(0)
+    assert result.mask.shape == (97, 143) and np.array_equal(result.mask, expected.numpy())
 
 
 class Pixelwise(torch.nn.Module):
@@ -154,11 +154,30 @@ def test_a_transposed_query_gives_the_transposed_mask():
     transposed = predictor.predict(np.ascontiguousarray(query.transpose(1, 0, 2)), [support], [support_mask])
     assert upright.mask.shape == (97, 143) and transposed.mask.shape == (143, 97)
     assert np.array_equal(transposed.mask, upright.mask.T)
-    iou = lambda a, b: (a & b).sum() / (a | b).sum()  # noqa: E731
-    # the mask sits where the object is, not flipped: PFENet's scoring maps the S canvas onto the longer side L,
-    # so a query whose canvas sides were floored to a multiple of 8 (97x143 -> 40x64 at 65) is a little squeezed
-    assert iou(upright.mask, truth) > 0.7
+    assert iou(upright.mask, truth) > 0.9  # where the object is, not flipped
     assert iou(upright.mask, truth[::-1]) < 0.2 and iou(upright.mask, truth[:, ::-1]) < 0.2
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.astype(bool) & b.astype(bool)).sum() / max((a.astype(bool) | b.astype(bool)).sum(), 1))
+
+
+@pytest.mark.parametrize("hw", [(96, 128), (240, 320), (300, 400), (473, 473), (375, 500), (600, 800), (97, 601)])
+def test_mask_lines_up_with_the_image_at_any_size(hw):
+    """A stand-in network that is perfect on the canvas (foreground where the canvas pixel is red) gives a mask that
+    lines up with the object at the query's own size, smaller or larger than the canvas, square or not. (Mapped as
+    the evaluation scores, the canvas onto the longer side's square, it gave IoU 0.00 at 128x96, 0.06 at 320x240 and
+    0.35 at 400x300 under PFENet's test_Resize.) Resize's canvas floors both sides to a multiple of 8, so an object
+    edge may move by up to 8 canvas pixels' worth: at least 0.9 IoU for objects a third of the image wide."""
+    h, w = hw
+    cfg = load_config(ROOT / "configs/toy.yaml", ["data.image_size=473", "train.tracking=none"])
+    query, truth = scene(h, w, seed=h + w)
+    support, support_mask = scene(60, 70, seed=1)
+    for resize in ("resize", "test_resize"):
+        cfg.data.eval_resize = resize
+        result = Predictor(Pixelwise(), cfg, device="cpu").predict(query, [support], [support_mask])
+        assert result.mask.shape == (h, w) and result.probability.shape == (h, w)
+        assert iou(result.mask, truth) > 0.9, (resize, iou(result.mask, truth))
 
 
 def test_exif_orientation_is_ignored(tmp_path):

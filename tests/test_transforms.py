@@ -17,6 +17,7 @@ from jc2a.data.transforms import (
     RandomHorizontalFlip,
     RandRotate,
     RandScale,
+    Resize,
     TestResize,
     ToTensor,
     canvas_size,
@@ -303,17 +304,71 @@ def pfenet_test_resize(image: np.ndarray, label: np.ndarray, test_size: int) -> 
     return image, label
 
 
-@pytest.mark.parametrize("hw", [(375, 500), (500, 375), (300, 200), (473, 473), (481, 640), (129, 129), (600, 97)])
-def test_eval_canvas_is_pfenets_test_resize(hw: tuple[int, int]) -> None:
-    h, w = hw
+def pfenet_resize(image: np.ndarray, label: np.ndarray, test_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """PFENet's util/transform.py `Resize.__call__` (what `resized_val: True`, every shipped config, runs), line for
+    line (float canvases, as PFENet builds them)."""
+
+    def find_new_hw(ori_h, ori_w, test_size):
+        if ori_h >= ori_w:
+            ratio = test_size * 1.0 / ori_h
+            new_h = test_size
+            new_w = int(ori_w * ratio)
+        elif ori_w > ori_h:
+            ratio = test_size * 1.0 / ori_w
+            new_h = int(ori_h * ratio)
+            new_w = test_size
+        if new_h % 8 != 0:
+            new_h = (int(new_h / 8)) * 8
+        else:
+            new_h = new_h
+        if new_w % 8 != 0:
+            new_w = (int(new_w / 8)) * 8
+        else:
+            new_w = new_w
+        return new_h, new_w
+
+    new_h, new_w = find_new_hw(image.shape[0], image.shape[1], test_size)
+    image_crop = cv2.resize(image, dsize=(int(new_w), int(new_h)), interpolation=cv2.INTER_LINEAR)
+    back_crop = np.zeros((test_size, test_size, 3))
+    back_crop[:new_h, :new_w, :] = image_crop
+    image = back_crop
+    s_mask = label
+    new_h, new_w = find_new_hw(s_mask.shape[0], s_mask.shape[1], test_size)
+    s_mask = cv2.resize(s_mask.astype(np.float32), dsize=(int(new_w), int(new_h)), interpolation=cv2.INTER_NEAREST)
+    back_crop_s_mask = np.ones((test_size, test_size)) * 255
+    back_crop_s_mask[:new_h, :new_w] = s_mask
+    label = back_crop_s_mask
+    return image, label
+
+
+CANVAS_SIZES = [(375, 500), (500, 375), (300, 200), (300, 400), (473, 473), (481, 640), (129, 129), (600, 97)]
+
+
+def random_pair(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(h * 1000 + w)
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     label = rng.choice(np.array([0, 1, 255], np.uint8), size=(h, w), p=[0.6, 0.3, 0.1])
+    return image, label
+
+
+@pytest.mark.parametrize("hw", CANVAS_SIZES)
+def test_eval_canvas_is_pfenets_resize(hw: tuple[int, int]) -> None:
+    """The default canvas is PFENet's `Resize`: smaller images are scaled up too (300x400 -> 352x472)."""
+    image, label = random_pair(*hw)
     img, lbl = eval_transform(473)(image, label)
     assert img.dtype == torch.uint8 and img.shape == (3, 473, 473)
     assert lbl.dtype == torch.uint8 and lbl.shape == (473, 473)
-    ref_img, ref_lbl = pfenet_test_resize(image, label, 473)
+    ref_img, ref_lbl = pfenet_resize(image, label, 473)
     assert np.array_equal(hwc(img).astype(np.float64), ref_img)  # black canvas before normalisation
+    assert np.array_equal(lbl.numpy().astype(np.float64), ref_lbl)
+
+
+@pytest.mark.parametrize("hw", CANVAS_SIZES)
+def test_test_resize_option_is_pfenets_test_resize(hw: tuple[int, int]) -> None:
+    image, label = random_pair(*hw)
+    img, lbl = eval_transform(473, "test_resize")(image, label)
+    ref_img, ref_lbl = pfenet_test_resize(image, label, 473)
+    assert np.array_equal(hwc(img).astype(np.float64), ref_img)
     assert np.array_equal(lbl.numpy().astype(np.float64), ref_lbl)
 
 
@@ -321,14 +376,42 @@ def test_canvas_size_floors_both_sides_to_8() -> None:
     assert canvas_size(375, 500, 473) == (352, 472)
     assert canvas_size(500, 375, 473) == (472, 352)
     assert canvas_size(481, 640, 473) == (352, 472)
-    assert canvas_size(300, 200, 473) == (300, 200)  # smaller: not rescaled, not floored
-    assert canvas_size(473, 473, 473) == (473, 473)
+    assert canvas_size(300, 400, 473) == (352, 472)  # smaller: scaled up as well (PFENet's Resize)
+    assert canvas_size(473, 473, 473) == (472, 472)
+    assert canvas_size(300, 200, 473, upscale=False) == (300, 200)  # test_Resize: not rescaled, not floored
+    assert canvas_size(473, 473, 473, upscale=False) == (473, 473)
+    assert canvas_size(481, 640, 473, upscale=False) == (352, 472)
+    assert canvas_size(4000, 10, 473) == (472, 8)  # PFENet's would floor the short side to 0
+
+
+@pytest.mark.parametrize("hw", [(300, 400), (96, 128), (375, 500)])
+def test_a_perfect_canvas_prediction_scores_near_100_at_the_original_size(hw: tuple[int, int]) -> None:
+    """The evaluation scores the canvas upsampled onto the longer side's square (PFENet's `ori_resize`). With the
+    default canvas the image fills the canvas' top-left 472-ish square, so a prediction that is perfect on the
+    canvas stays near-perfect at the original size; with test_Resize a small image covers only its own h x w of the
+    473 canvas and the scoring misaligns it (44% IoU at 300x400)."""
+    from jc2a.metrics import score_at_original_size
+
+    h, w = hw
+    label = np.zeros((h, w), np.uint8)
+    label[h // 4 : h // 2, w // 5 : w // 2] = 1
+    image = np.zeros((h, w, 3), np.uint8)
+    ious = {}
+    for resize in ("resize", "test_resize"):
+        _, canvas_label = eval_transform(473, resize)(image, label)
+        logits = torch.stack([(canvas_label != 1).float(), (canvas_label == 1).float()])  # perfect on the canvas
+        pred, target = score_at_original_size(logits, torch.from_numpy(label))
+        fg, truth = pred == 1, target == 1
+        ious[resize] = float((fg & truth).sum() / (fg | truth).sum())
+    assert ious["resize"] > 0.95, ious
+    if max(h, w) < 473:
+        assert ious["test_resize"] < 0.6, ious
 
 
 def test_eval_canvas_keeps_alignment() -> None:
     image, label = make_pair(240, 320, band=False)
     img, lbl = TestResize(129)(image, label)
-    nh, nw = canvas_size(240, 320, 129)
+    nh, nw = canvas_size(240, 320, 129, upscale=False)
     assert (nh, nw) == (96, 128)
     assert np.all(img[nh:] == 0) and np.all(img[:, nw:] == 0) and np.all(lbl[nh:] == 255) and np.all(lbl[:, nw:] == 255)
     assert_aligned(img[:nh, :nw], lbl[:nh, :nw], min_pixels=100)
@@ -351,6 +434,7 @@ MISMATCH_STEPS = [
     RandomHorizontalFlip(p=1.0),
     RandCrop(129),
     TestResize(129),
+    Resize(129),
     ToTensor(),
     train_transform(AugmentConfig(), 129),
     eval_transform(129),

@@ -203,14 +203,23 @@ class EvalEpisodes(Dataset):
     Args:
         shards: the evaluation split.
         episodes: the whole fold list (`eval_episode_list`).
-        size: input size S (PFENet's test canvas).
+        size: input size S (PFENet's evaluation canvas).
         rank, world: this process's share.
+        resize: the canvas, `resize` (PFENet's configs) or `test_resize` (`data.eval_resize`).
     """
 
-    def __init__(self, shards: ShardSet, episodes: Sequence[Episode], size: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self,
+        shards: ShardSet,
+        episodes: Sequence[Episode],
+        size: int,
+        rank: int = 0,
+        world: int = 1,
+        resize: str = "resize",
+    ) -> None:
         self.shards, self.episodes = shards, list(episodes)
         self.positions = share(len(self.episodes), rank, world)
-        self.transform = eval_transform(size)
+        self.transform = eval_transform(size, resize)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -234,19 +243,26 @@ class EvalEpisodes(Dataset):
 class BankImages(Dataset):
     """A rank's share of the training images that hold a usable fold class: CKMM's bank pass (Eqs. 11-12).
 
-    Each item is one image on PFENet's test canvas with its full label (class ids, 255 ignore) and the usable
-    classes, so the backbone runs once per image however many classes it holds:
+    Each item is one image on the evaluation canvas (`resize`, as queries are seen) with its full label (class ids,
+    255 ignore) and the usable classes, so the backbone runs once per image however many classes it holds:
     `{"image": [3,S,S] uint8, "label": [S,S] uint8, "classes": [int], "key": str}`.
     """
 
     def __init__(
-        self, shards: ShardSet, classes: Sequence[int], min_pixels: int, size: int, rank: int = 0, world: int = 1
+        self,
+        shards: ShardSet,
+        classes: Sequence[int],
+        min_pixels: int,
+        size: int,
+        rank: int = 0,
+        world: int = 1,
+        resize: str = "resize",
     ) -> None:
         fold = set(int(c) for c in classes)
         self.shards = shards
         self.items = [(i, cs) for i, r in enumerate(shards.records) if (cs := _usable(r["classes"], fold, min_pixels))]
         self.positions = share(len(self.items), rank, world)
-        self.transform = eval_transform(size)
+        self.transform = eval_transform(size, resize)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -659,7 +675,8 @@ def eval_loader(
     """A rank's share of the fold's evaluation episodes for list `seed` (novel classes, SPEC §1); `episodes`
     overrides `data.eval_episodes` (validation takes a prefix of the list)."""
     shards = shards or open_shards(cfg, cfg.data.val_split)
-    dataset = EvalEpisodes(shards, eval_list(cfg, shards, seed, episodes), cfg.data.image_size, rank, world)
+    episode_list = eval_list(cfg, shards, seed, episodes)
+    dataset = EvalEpisodes(shards, episode_list, cfg.data.image_size, rank, world, cfg.data.eval_resize)
     _loader_threads(cfg.data.num_workers)
     return DataLoader(
         dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate, generator=_own_generator()
@@ -671,9 +688,9 @@ def bank_loader(
 ) -> DataLoader:
     """A rank's share of the training images holding a usable base class (CKMM's bank pass)."""
     shards = shards or open_shards(cfg, cfg.data.train_split)
-    dataset = BankImages(
-        shards, base_classes(cfg.data.dataset, cfg.data.fold), cfg.data.min_pixels, cfg.data.image_size, rank, world
-    )
+    d = cfg.data
+    classes = base_classes(d.dataset, d.fold)
+    dataset = BankImages(shards, classes, d.min_pixels, d.image_size, rank, world, d.eval_resize)
     _loader_threads(cfg.data.num_workers)
     return DataLoader(
         dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate, generator=_own_generator()

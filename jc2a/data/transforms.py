@@ -22,10 +22,13 @@ __all__ = [
     "RandScale",
     "RandomGaussianBlur",
     "RandomHorizontalFlip",
+    "Resize",
     "TestResize",
     "ToTensor",
     "Transform",
+    "CANVASES",
     "check_size",
+    "eval_canvas",
     "eval_transform",
     "mean_pixel",
     "canvas_size",
@@ -288,40 +291,52 @@ class RandCrop:
 # --------------------------------------------------------------------------- deterministic steps
 
 
-def canvas_size(h: int, w: int, size: int) -> tuple[int, int]:
+CANVASES = ("resize", "test_resize")  # `data.eval_resize`: PFENet's Resize (its configs' default) | test_Resize
+
+
+def canvas_size(h: int, w: int, size: int, upscale: bool = True) -> tuple[int, int]:
     """PFENet's `find_new_hw`: the image size on the evaluation canvas.
 
-    An image whose longer side exceeds `size` is scaled so that side equals `size` (the other side truncated),
-    then *both* sides are floored to a multiple of 8: 375x500 -> 352x472 at 473. A smaller image keeps its size.
+    `upscale=True`, PFENet's `Resize` (every shipped config sets `resized_val: True`): the longer side is scaled to
+    `size` whether the image is smaller or larger, the other side truncated, then *both* sides are floored to a
+    multiple of 8: 375x500 -> 352x472, 300x400 -> 352x472, 473x473 -> 472x472. `upscale=False`, PFENet's
+    `test_Resize`: only an image whose longer side exceeds `size` is scaled (and floored); a smaller one keeps its
+    size. A side that would floor to 0 (an image over 60 times longer than wide) is kept at 8, where PFENet's code
+    would fail.
     """
-    if max(h, w) <= size:
+    if not upscale and max(h, w) <= size:
         return h, w
     if h >= w:
         new_h, new_w = size, int(w * (size * 1.0 / h))
     else:
         new_h, new_w = int(h * (size * 1.0 / w)), size
-    return new_h // 8 * 8, new_w // 8 * 8
+    return max(8, new_h // 8 * 8), max(8, new_w // 8 * 8)
 
 
-class TestResize:
-    """PFENet's `test_Resize`: the image top-left on a black `size x size` canvas, the label on a 255 canvas.
+class Resize:
+    """PFENet's evaluation canvas: the image top-left on a black `size x size` canvas, the label on a 255 canvas.
 
-    Image bilinear, label nearest (cv2.INTER_NEAREST, as PFENet), both to `canvas_size(h, w, size)`. The canvas is
-    black *before* normalisation, so the padding is `-mean/std` once the model normalises it.
+    `upscale=True` is PFENet's `Resize` (the default of its configs), `upscale=False` its `test_Resize` (see
+    `canvas_size`). Image bilinear, label nearest (cv2.INTER_NEAREST, as PFENet), both to `canvas_size(h, w, size,
+    upscale)`. The canvas is black *before* normalisation, so the padding is `-mean/std` once the model
+    normalises it.
     """
 
-    __test__ = False  # not a pytest class
-
-    def __init__(self, size: int, ignore: int = IGNORE) -> None:
+    def __init__(self, size: int, ignore: int = IGNORE, upscale: bool = True) -> None:
         self.size = check_size(size)
         self.ignore = int(ignore)
+        self.upscale = bool(upscale)
+
+    def region(self, h: int, w: int) -> tuple[int, int]:
+        """`(new_h, new_w)`: the part of the canvas an `h x w` image covers, from its top-left corner."""
+        return canvas_size(h, w, self.size, self.upscale)
 
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: Optional[np.random.Generator] = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """`[H,W,3]` uint8, `[H,W]` uint8 -> `[S,S,3]` uint8, `[S,S]` uint8."""
-        h, w = _check_pair("TestResize", image, label)
-        new_h, new_w = canvas_size(h, w, self.size)
+        h, w = _check_pair(type(self).__name__, image, label)
+        new_h, new_w = self.region(h, w)
         if (new_h, new_w) != (h, w):
             image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
             label = cv2.resize(label, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
@@ -332,7 +347,23 @@ class TestResize:
         return canvas, mask
 
     def __repr__(self) -> str:
-        return f"TestResize(size={self.size}, ignore={self.ignore})"
+        return f"{type(self).__name__}(size={self.size}, ignore={self.ignore})"
+
+
+class TestResize(Resize):
+    """PFENet's `test_Resize`: `Resize` without upscaling (an option, `data.eval_resize: test_resize`)."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, size: int, ignore: int = IGNORE) -> None:
+        super().__init__(size, ignore, upscale=False)
+
+
+def eval_canvas(size: int, resize: str = "resize") -> Resize:
+    """The evaluation canvas `data.eval_resize` names: `resize` (PFENet's configs) or `test_resize`."""
+    if resize not in CANVASES:
+        raise ValueError(f"unknown evaluation canvas {resize!r}: expected one of {', '.join(CANVASES)}")
+    return Resize(size) if resize == "resize" else TestResize(size)
 
 
 class ToTensor:
@@ -394,10 +425,11 @@ def train_transform(cfg: AugmentConfig, size: int, mean: Sequence[float] = IMAGE
     )
 
 
-def eval_transform(size: int) -> Compose:
-    """The evaluation input (SPEC §1 Transforms, PFENet's `test_Resize`), called as `t(image, label)`.
+def eval_transform(size: int, resize: str = "resize") -> Compose:
+    """The evaluation input of queries and supports (PFENet's `Resize`, or `test_Resize` with
+    `resize="test_resize"`), called as `t(image, label)`.
 
     `[3,S,S]` uint8 with black outside the image and `[S,S]` uint8 with 255 there; the caller keeps the
     original-size label for scoring.
     """
-    return Compose([TestResize(size), ToTensor()])
+    return Compose([eval_canvas(size, resize), ToTensor()])

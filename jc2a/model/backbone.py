@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
 
 import timm
 import torch
@@ -14,14 +14,19 @@ from timm.models import FeatureDictNet
 from torch import Tensor, nn
 
 __all__ = [
+    "BACKBONE_VARIANTS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "OUTPUT_STRIDE",
     "OUT_INDICES",
     "Backbone",
+    "BackboneVariant",
     "create_backbone",
     "feature_size",
+    "load_features_state",
     "normalization",
+    "state_shapes",
+    "weights_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -34,14 +39,61 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 Triple = tuple[float, float, float]
 
 
+@dataclass(frozen=True)
+class BackboneVariant:
+    """A backbone name of JC2A's own: a timm architecture built with fixed kwargs, then stage dilations patched.
+
+    `dilations` maps a stage to the dilation of the 3x3 conv (`conv2`) of EVERY block in it (padding = dilation,
+    stride 1; the stage's `downsample.0` gets stride 1 too), as PFENet sets them after building its ResNet.
+    timm's `output_stride=8` alone gives the first block of each dilated stage the previous stage's dilation.
+    Such a variant has no hub weights: they come from `source` through `jc2a convert-weights`.
+    """
+
+    architecture: str  # the timm model it is built from
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra `timm.create_model` kwargs
+    dilations: Mapping[str, int] = field(default_factory=dict)  # stage -> dilation in every block
+    source: str = ""  # the original weights file its weights are converted from
+    mean: Triple = IMAGENET_MEAN
+    std: Triple = IMAGENET_STD
+
+    def patch(self, features: nn.Module) -> None:
+        """Set the dilations of `features` (a timm ResNet, `features_only` or not) in place.
+
+        Args:
+            features: the model built from `architecture` with `kwargs`.
+        """
+        for stage, dilation in self.dilations.items():
+            for block in features.get_submodule(stage):
+                conv = block.conv2
+                if conv.kernel_size != (3, 3):
+                    raise ValueError(f"cannot dilate {stage}: its conv2 is {conv.kernel_size}, not 3x3")
+                conv.dilation, conv.padding, conv.stride = (dilation, dilation), (dilation, dilation), (1, 1)
+                if block.downsample is not None:
+                    block.downsample[0].stride = (1, 1)
+
+
+# PFENet's ResNets (semseg's "deep base": a 3->64->64->128 stem of 3x3 convs, plain 1x1 downsample) with its
+# dilations: 2 in every block of layer3, 4 in every block of layer4 (PFENet's model/PFENet.py).
+_PFENET_DILATIONS = {"layer3": 2, "layer4": 4}
+_DEEP_STEM = {"stem_type": "deep", "stem_width": 64}
+BACKBONE_VARIANTS: dict[str, BackboneVariant] = {
+    "pfenet_resnet50": BackboneVariant("resnet50", _DEEP_STEM, _PFENET_DILATIONS, "initmodel/resnet50_v2.pth"),
+    "pfenet_resnet101": BackboneVariant("resnet101", _DEEP_STEM, _PFENET_DILATIONS, "initmodel/resnet101_v2.pth"),
+}
+
+
 def normalization(backbone_name: str) -> tuple[Triple, Triple]:
     """`(mean, std)` in 0..1 units from timm's pretrained cfg of `backbone_name` (tags like `resnet50.a1_in1k` too).
 
     Reads the registered cfg only (the model is not built, nothing is downloaded); names timm does not know,
-    or cfgs without three-channel statistics, fall back to ImageNet's mean and std (with a warning).
+    or cfgs without three-channel statistics, fall back to ImageNet's mean and std (with a warning). The names of
+    `BACKBONE_VARIANTS` give their own statistics (PFENet's: ImageNet's).
     """
     from timm.models import get_pretrained_cfg
 
+    if backbone_name in BACKBONE_VARIANTS:
+        variant = BACKBONE_VARIANTS[backbone_name]
+        return variant.mean, variant.std
     try:
         cfg = get_pretrained_cfg(backbone_name)
     except RuntimeError:  # an unknown pretrained tag of a known architecture
@@ -82,18 +134,25 @@ class Backbone(nn.Module):
         frozen: bool = True,
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
+        weights_source: str = "unknown",
+        train_bn: bool = False,
     ) -> None:
         """Args:
         features: a timm `features_only` model returning four maps.
-        name: the timm model name it was built from.
+        name: the timm model name it was built from (or a `BACKBONE_VARIANTS` name).
         frozen: freeze the weights and keep BatchNorm in eval mode.
         mean: per-channel input mean in 0..1 units (default: `normalization(name)`, timm's pretrained cfg).
         std: per-channel input std in 0..1 units (default: `normalization(name)`).
+        weights_source: which weights `features` holds (`weights_source()`'s strings; `create_backbone` sets it).
+        train_bn: a frozen backbone still follows `train()`: BatchNorm normalises with batch statistics and moves
+            its running statistics (PFENet calls `model.train()` on its whole model); the weights stay frozen.
         """
         super().__init__()
         self.features = features
         self.name = name
         self.frozen = frozen
+        self.train_bn = train_bn
+        self.weights_source = weights_source
         self.channels: list[int] = list(features.feature_info.channels())
         self.reductions: list[int] = list(features.feature_info.reduction())
         if mean is None or std is None:
@@ -119,8 +178,14 @@ class Backbone(nn.Module):
         return out
 
     def train(self, mode: bool = True) -> Backbone:
-        """Switch train/eval; a frozen backbone always stays in eval mode."""
-        return super().train(mode and not self.frozen)
+        """Switch train/eval; a frozen backbone stays in eval mode unless `train_bn` (PFENet's BatchNorm)."""
+        return super().train(mode and (not self.frozen or self.train_bn))
+
+    @property
+    def moves(self) -> bool:
+        """Whether training changes what this backbone computes (trainable weights, or BatchNorm statistics that
+        move): CKMM's bank, taken from its layer4, then goes stale and is rebuilt."""
+        return not self.frozen or self.train_bn
 
     def _grad(self) -> contextlib.AbstractContextManager:
         return torch.no_grad() if self.frozen else contextlib.nullcontext()
@@ -209,40 +274,70 @@ def _layer4_start(features: nn.Module) -> Optional[int]:
     return returned[2] + 1
 
 
-def create_backbone(
-    name: str,
-    *,
-    pretrained: bool = False,
-    weights: Optional[Union[str, os.PathLike]] = None,
-    frozen: bool = True,
-) -> Backbone:
-    """Build a timm CNN as a four-stage stride-8 backbone.
+def weights_source(name: str, pretrained: bool) -> str:
+    """Which weights `create_backbone(name, pretrained=)` gives from the hub, without building anything.
+
+    `"timm:<architecture>.<tag>"` for timm's hub weights (an untagged name resolved to timm's default tag:
+    `resnet50` -> `timm:resnet50.a1_in1k`), `"random init"` when not pretrained. (A local weights file is read by
+    the run layer, which names it `"file:<basename> sha256:<hex>"`.)
 
     Args:
-        name: a timm model name (`resnet50`, `resnet101`, `regnety_004`, `efficientnet_b0`, ...).
-        pretrained: load timm's pretrained weights (from the hub, or from `weights`).
-        weights: a local weights file (timm's `pretrained_cfg_overlay=dict(file=...)`); implies `pretrained`.
-        frozen: freeze the weights and keep BatchNorm in eval mode (the paper's setting).
+        name: a timm model name, or a `BACKBONE_VARIANTS` name.
+        pretrained: whether hub weights are asked for.
 
     Raises:
-        FileNotFoundError: `weights` is given and does not exist.
-        ValueError: the model cannot give four stages at stride 8 (e.g. a ViT, or no dilation support).
+        ValueError: hub weights asked for a variant that has none, or a pretrained tag timm does not know.
     """
-    kwargs: dict = {}
-    if weights is not None:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"backbone weights file not found: {weights}")
-        pretrained = True
-        kwargs["pretrained_cfg_overlay"] = dict(file=os.fspath(weights))
-    if not timm.is_model(name.split(".")[0]):
-        raise ValueError(f"backbone {name!r} is not a timm model")
+    if not pretrained:
+        return "random init"
+    if name in BACKBONE_VARIANTS:
+        source = BACKBONE_VARIANTS[name].source
+        raise ValueError(
+            f"backbone {name!r} has no hub weights: convert PFENet's {source} with `jc2a convert-weights {source} "
+            f"{name}.safetensors` and pass model.backbone.weights={name}.safetensors "
+            f"(or model.backbone.pretrained=false for a random init)"
+        )
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError as exc:  # an unknown pretrained tag of a known architecture
+        raise ValueError(f"backbone {name!r}: {exc}") from None
+    architecture = name.split(".")[0]
+    if cfg is None:  # an architecture with no registered pretrained cfg
+        return f"timm:{name}"
+    architecture = cfg.architecture or architecture
+    return f"timm:{architecture}.{cfg.tag}" if cfg.tag else f"timm:{architecture}"
+
+
+def state_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the state dict a `create_backbone(name)` backbone's `features` hold (timm's key layout).
+
+    Built on the meta device: no memory, no weights, quick even for a ResNet101.
+
+    Args:
+        name: a timm model name, or a `BACKBONE_VARIANTS` name.
+    """
+    with torch.device("meta"):
+        features = _create_features(name, pretrained=False)
+    return {key: tuple(t.shape) for key, t in features.state_dict().items()}
+
+
+def _create_features(name: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """The timm `features_only` model of `name` (a variant: its architecture, kwargs and dilation patch)."""
+    variant = BACKBONE_VARIANTS.get(name)
+    architecture = variant.architecture if variant is not None else name
+    if not timm.is_model(architecture.split(".")[0]):
+        raise ValueError(f"backbone {name!r} is not a timm model (nor one of {sorted(BACKBONE_VARIANTS)})")
+    extra = dict(variant.kwargs) if variant is not None else {}
     try:
         features = timm.create_model(
-            name,
+            architecture,
             pretrained=pretrained,
             features_only=True,
             out_indices=OUT_INDICES,
             output_stride=OUTPUT_STRIDE,
+            **extra,
             **kwargs,
         )
     except (TypeError, IndexError, AssertionError, NotImplementedError) as exc:
@@ -252,10 +347,80 @@ def create_backbone(
             f"backbone {name!r} cannot be used: JC2A needs a timm CNN with four stages (out_indices "
             f"{OUT_INDICES}) and dilation support for output_stride={OUTPUT_STRIDE} ({type(exc).__name__}: {exc})"
         ) from exc
+    if variant is not None:
+        variant.patch(features)
+    return features
+
+
+def load_features_state(features: nn.Module, name: str, tensors: Mapping[str, Tensor], where: str) -> None:
+    """Load a state dict in timm's key layout into a `features_only` model, strictly.
+
+    Every tensor the features need must be there with its shape; a key under a module the features do not have
+    (the classifier `fc`, `head`, `conv_head`...: what `features_only` drops) is skipped; any other key is refused.
+    timm's own `pretrained_cfg_overlay=dict(file=...)` loads a `features_only` model with `strict=False` (a
+    missing tensor silently stays random): not used.
+
+    Args:
+        features: the model `create_backbone` built.
+        name: the backbone's name, for messages.
+        tensors: the weights (read by the caller; the model layer reads no files).
+        where: what the tensors came from (a file name), the start of every error message.
+
+    Raises:
+        ValueError: a missing, mis-shaped or unexpected key, named with both shapes.
+    """
+    expected = features.state_dict()
+    modules = {key.split(".")[0] for key in expected}
+    for key, target in expected.items():
+        if key not in tensors:
+            raise ValueError(f"{where}: weights for backbone {name!r} lack {key!r} (shape {list(target.shape)})")
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            raise ValueError(
+                f"{where}: {key!r} has shape {list(tensors[key].shape)}, backbone {name!r} needs {list(target.shape)}"
+            )
+    for key in tensors:
+        if key not in expected and key.split(".")[0] in modules:
+            raise ValueError(f"{where}: unexpected key {key!r} for backbone {name!r}")
+    features.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=True)
+
+
+def create_backbone(
+    name: str,
+    *,
+    pretrained: bool = False,
+    state_dict: Optional[Mapping[str, Tensor]] = None,
+    source: Optional[str] = None,
+    where: Optional[str] = None,
+    frozen: bool = True,
+    train_bn: bool = False,
+) -> Backbone:
+    """Build a timm CNN, or one of `BACKBONE_VARIANTS` (`pfenet_resnet50`, `pfenet_resnet101`), as a four-stage
+    stride-8 backbone; its `weights_source` says which weights it holds.
+
+    Args:
+        name: a timm model name (`resnet50.tv_in1k`, `resnet101`, `regnety_004`, `efficientnet_b0`, ...), or a
+            variant (PFENet's deep-stem ResNets, dilated as PFENet dilates them; no hub weights).
+        pretrained: load timm's pretrained weights from the hub (timm's own loading path).
+        state_dict: weights in timm's key layout instead (a local file, read by the run layer:
+            `jc2a.runs.files.read_weights`), loaded strictly (`load_features_state`).
+        source: what `state_dict` is (`file:<name> sha256:<hex>`), for `weights_source`.
+        where: where it came from (the file's path), the start of a refusal's message.
+        frozen: freeze the weights and keep BatchNorm in eval mode (the paper's setting).
+        train_bn: a frozen backbone's BatchNorm still follows `train()` (PFENet's behaviour; see `Backbone`).
+
+    Raises:
+        ValueError: the model cannot give four stages at stride 8 (e.g. a ViT, or no dilation support); a variant
+            asked for hub weights; weights that do not fit (the first missing, unexpected or mis-shaped key named).
+    """
+    origin = (source or "state dict") if state_dict is not None else weights_source(name, pretrained)
+    features = _create_features(name, pretrained=pretrained and state_dict is None)
+    if state_dict is not None:
+        load_features_state(features, name, state_dict, where or "backbone weights")
     reductions = list(features.feature_info.reduction())
     if len(reductions) != 4 or reductions[0] > OUTPUT_STRIDE or reductions[1:] != [OUTPUT_STRIDE] * 3:
         raise ValueError(
             f"backbone {name!r} cannot be used: its stages {OUT_INDICES} come out at strides {reductions}, "
             f"JC2A needs [4, 8, 8, 8] (four stages, the last three dilated to stride {OUTPUT_STRIDE})"
         )
-    return Backbone(features, name, frozen=frozen)  # its mean/std: timm's pretrained cfg of `name`
+    # its mean/std: timm's pretrained cfg of `name` (a variant's own)
+    return Backbone(features, name, frozen=frozen, weights_source=origin, train_bn=train_bn)

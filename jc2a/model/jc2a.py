@@ -310,18 +310,35 @@ def _resize(x: Optional[Tensor], b: int) -> Optional[Tensor]:
     return F.interpolate(x, size=(b, b), mode="bilinear", align_corners=True)
 
 
-def build_model(cfg: Config) -> JC2A:
+def build_model(
+    cfg: Config, backbone_state: Optional[dict[str, Tensor]] = None, backbone_source: Optional[str] = None
+) -> JC2A:
     """Build JC2A from a resolved config: `cfg.model` for the network, `cfg.data` for the bins and the bank.
 
     The bins are scaled to `cfg.data.image_size`; the prototype bank (CKMM) holds the base classes of
     `cfg.data.dataset` / `cfg.data.fold` and starts empty: fill it with `update_bank` (then
     `prototype_bank.all_reduce()`), or load a bank file into it (`jc2a.runs.files.load_bank`; `jc2a train` and
-    `jc2a bank` read `cfg.model.ckmm.bank_file`). The model reads no files of its own; a model with CKMM on and
-    an empty bank refuses to run.
+    `jc2a bank` read `cfg.model.ckmm.bank_file`). The model reads no files of its own: the backbone's weights
+    are timm's hub weights, or `backbone_state` (what `model.backbone.weights` names, read by the run layer:
+    `jc2a.runs.network.build_network`); a model with CKMM on and an empty bank refuses to run.
+
+    Raises:
+        ValueError: `model.backbone.weights` names a file but no `backbone_state` is given.
     """
     mc = cfg.model
+    if mc.backbone.weights is not None and backbone_state is None:
+        raise ValueError(
+            f"model.backbone.weights={mc.backbone.weights}: the model reads no files; build it with "
+            f"jc2a.runs.network.build_network(cfg), which reads the file and passes its tensors"
+        )
     backbone = create_backbone(
-        mc.backbone.name, pretrained=mc.backbone.pretrained, weights=mc.backbone.weights, frozen=mc.backbone.frozen
+        mc.backbone.name,
+        pretrained=mc.backbone.pretrained,
+        state_dict=backbone_state,
+        source=backbone_source,
+        where=mc.backbone.weights,
+        frozen=mc.backbone.frozen,
+        train_bn=mc.backbone.train_bn,
     )
     bins = pyramid_bins(mc.bins, cfg.data.image_size)
     hpam = None

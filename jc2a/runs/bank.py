@@ -118,7 +118,7 @@ def add_arguments(parser) -> None:
 def bank_main(config: Optional[list], overrides: list[str], out: Union[str, os.PathLike], progress: bool) -> int:
     from accelerate.utils import set_seed
 
-    from jc2a.model import build_model
+    from jc2a.runs.network import build_network
 
     setup_logging()
     cfg = load_config(config, overrides)
@@ -128,7 +128,7 @@ def bank_main(config: Optional[list], overrides: list[str], out: Union[str, os.P
     accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)  # as `jc2a train`: a randomly initialised backbone is the same on every rank
     shards = open_shards(cfg, cfg.data.train_split)
-    model = build_model(cfg).to(accelerator.device).eval()
+    model = build_network(cfg).to(accelerator.device).eval()
     fingerprint = bank_fingerprint(cfg, model, shards.checksum)
     added = build_bank(accelerator, model, cfg, shards, progress)
     if accelerator.is_main_process:

@@ -13,7 +13,7 @@ import torch
 
 from jc2a.bench import Report, _busy_note, _device, _environment, _load, time_interleaved
 from jc2a.config import load_config
-from jc2a.data.transforms import TestResize
+from jc2a.data.transforms import Resize
 from jc2a.folds import novel_classes
 from jc2a.metrics import FewShotIoU, score_at_original_size
 from jc2a.model import build_model
@@ -29,7 +29,7 @@ def _episode(shots: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """A random episode as the loader gives it: canvas query `[1,3,S,S]`, supports `[1,K,3,S,S]`, masks
     `[1,K,S,S]` (a disc), the original-size label `[h,w]` (a disc, 0/1)."""
     rng = np.random.default_rng(seed)
-    canvas = TestResize(SIZE)
+    canvas = Resize(SIZE)
     h, w = ORIGINAL
     yy, xx = np.mgrid[:h, :w]
     disc = (((yy - h / 2) / (h / 3)) ** 2 + ((xx - w / 2) / (w / 3)) ** 2 < 1).astype(np.uint8)

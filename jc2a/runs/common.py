@@ -49,7 +49,10 @@ def make_accelerator(cfg: Config, *, tracking: bool = False, logging_dir: Option
     cuda = torch.cuda.is_available()
     precision = cfg.train.mixed_precision
     if precision == "fp16" and not cuda:
-        log.warning("train.mixed_precision=fp16 needs a GPU: this CPU run uses fp32 (bf16 works on CPUs)")
+        if cfg.train.cpu_fp16:
+            log.info("fp16 on the CPU: torch's float16 autocast and GradScaler (train.cpu_fp16=true; slow)")
+        else:
+            log.warning("train.mixed_precision=fp16 needs a GPU: this CPU run uses fp32 (bf16 works on CPUs)")
         precision = "no"
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if not cuda and deepspeed:
@@ -124,17 +127,26 @@ def read_model_file(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tens
     return tensors, metadata
 
 
-def resolve_checkpoint(path: Union[str, os.PathLike]) -> tuple[Path, Optional[Path]]:
-    """(model file, config file or None) of `path`: a model file, or a run folder holding model.safetensors."""
+WEIGHTS = ("final", "best")  # a run's model.safetensors, or best/model.safetensors (the best validation mIoU)
+
+
+def resolve_checkpoint(path: Union[str, os.PathLike], weights: str = "final") -> tuple[Path, Optional[Path]]:
+    """(model file, config file or None) of `path`: a model file, or a run folder holding model.safetensors
+    (`weights="final"`) or best/model.safetensors (`weights="best"`); the config is the run's config.yaml."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
     path = Path(path)
     if path.is_dir():
-        model = path / MODEL_FILE
+        model = path / "best" / MODEL_FILE if weights == "best" else path / MODEL_FILE
         if not model.is_file():
-            raise FileNotFoundError(f"{path}: no {MODEL_FILE} in this run folder (has the training finished?)")
+            why = "was it ever validated?" if weights == "best" else "has the training finished?"
+            raise FileNotFoundError(f"{path}: no {model.relative_to(path)} in this run folder ({why})")
         config = path / CONFIG_FILE
         return model, config if config.is_file() else None
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    if weights == "best":
+        raise ValueError(f"{path}: the best weights are a run folder's best/{MODEL_FILE}; give the run folder")
     config = path.parent / CONFIG_FILE
     return path, config if config.is_file() else None
 
@@ -143,17 +155,18 @@ def load_trained_model(
     checkpoint: Union[str, os.PathLike],
     configs: Optional[Sequence[Union[str, os.PathLike]]] = None,
     overrides: Iterable[str] = (),
+    weights: str = "final",
 ) -> tuple[nn.Module, Config]:
     """A trained JC2A and its config from a model file or run folder.
 
     The config is `configs` when given (e.g. another fold's data settings), else the run folder's config.yaml,
     else the one stored in the model file; `overrides` apply last. The backbone is built without downloading
     anything (its weights are in the file). A file from an incompatible config is refused with one line naming
-    the first tensor that does not fit.
+    the first tensor that does not fit. `weights`: a run folder's final model or its best/ one.
     """
     from jc2a.model import build_model
 
-    model_file, config_file = resolve_checkpoint(checkpoint)
+    model_file, config_file = resolve_checkpoint(checkpoint, weights)
     tensors, metadata = read_model_file(model_file)
     overrides = list(overrides)
     if configs:
@@ -206,6 +219,7 @@ def bank_fingerprint(cfg: Config, model: nn.Module, index_checksum: str) -> dict
         "dataset": cfg.data.dataset,
         "fold": str(cfg.data.fold),
         "image_size": str(cfg.data.image_size),
+        "canvas": cfg.data.eval_resize,
         "min_pixels": str(cfg.data.min_pixels),
         "train_index": index_checksum,
     }

@@ -67,7 +67,7 @@ def compare(cfg: Config, run_dir: Path, shots: list[int], episodes: int, progres
     from accelerate.utils import set_seed
 
     from jc2a.data.episodes import open_shards
-    from jc2a.model import build_model
+    from jc2a.runs.network import build_network
     from jc2a.runs.bank import ensure_bank
     from jc2a.runs.common import close_accelerator, load_trained_model, make_accelerator
     from jc2a.runs.evaluate import evaluate_episodes
@@ -76,7 +76,7 @@ def compare(cfg: Config, run_dir: Path, shots: list[int], episodes: int, progres
     accelerator = make_accelerator(cfg)
     trained, _ = load_trained_model(run_dir)
     set_seed(cfg.train.seed)  # the initial weights of the training run
-    untrained = build_model(cfg).to(accelerator.device)
+    untrained = build_network(cfg).to(accelerator.device)
     if untrained.prototype_bank is not None:
         ensure_bank(
             accelerator,

@@ -30,7 +30,7 @@ import yaml
 
 from jc2a.config import Config, ConfigError, to_dict
 from jc2a.data.episodes import eval_loader, open_shards
-from jc2a.data.transforms import canvas_size
+from jc2a.data.transforms import Resize, eval_canvas
 from jc2a.folds import novel_classes
 from jc2a.metrics import IGNORE, FewShotIoU, score_at_original_size
 from jc2a.runs.common import (
@@ -62,11 +62,11 @@ def checkpoint_for(checkpoint: Union[str, os.PathLike], fold: Optional[int]) -> 
     return text.replace(FOLD, str(fold)) if fold is not None else text
 
 
-def trained_on(checkpoint: Union[str, os.PathLike]) -> tuple[str, int]:
+def trained_on(checkpoint: Union[str, os.PathLike], weights: str = "final") -> tuple[str, int]:
     """(dataset, fold) a model file was trained on, from the config stored in its metadata."""
     from safetensors import safe_open
 
-    model_file, _ = resolve_checkpoint(checkpoint)
+    model_file, _ = resolve_checkpoint(checkpoint, weights)
     try:
         with safe_open(os.fspath(model_file), framework="pt", device="cpu") as f:
             data = yaml.safe_load((f.metadata() or {})["config"])["data"]
@@ -103,15 +103,16 @@ def load_for_fold(
     fold: Optional[int],
     configs: Optional[Sequence[Union[str, os.PathLike]]] = None,
     overrides: Iterable[str] = (),
+    weights: str = "final",
 ) -> tuple[torch.nn.Module, Config]:
     """The trained model of `fold` (None: the config's fold) and its config, refused with one line when it was
-    trained on another dataset or fold than the one it would be evaluated on."""
+    trained on another dataset or fold than the one it would be evaluated on. `weights`: final or best."""
     path = checkpoint_for(checkpoint, fold)
     overrides = [*overrides, *([f"data.fold={fold}"] if fold is not None else [])]
-    model, cfg = load_trained_model(path, configs, overrides)
-    dataset, trained = trained_on(path)
+    model, cfg = load_trained_model(path, configs, overrides, weights)
+    dataset, trained = trained_on(path, weights)
     if (dataset, trained) != (cfg.data.dataset, cfg.data.fold):
-        model_file, _ = resolve_checkpoint(path)
+        model_file, _ = resolve_checkpoint(path, weights)
         raise ConfigError(
             f"{model_file}: trained on {dataset} fold {trained}, asked to evaluate {cfg.data.dataset} fold "
             f"{cfg.data.fold}: a model is scored on its own fold's novel classes only (use --folds {trained}, or a "
@@ -145,7 +146,7 @@ def evaluate_episodes(
     meter = FewShotIoU(novel_classes(cfg.data.dataset, cfg.data.fold))
     rank, world = accelerator.process_index, accelerator.num_processes
     loader = eval_loader(cfg, seed, rank, world, batch_size=1, shards=shards, episodes=episodes)
-    items = []
+    items, canvas = [], eval_canvas(cfg.data.image_size, cfg.data.eval_resize)
     bar = tqdm(total=len(loader), desc=desc, unit="episode", disable=not progress, leave=False)
     for batch in loader:
         # 1. forward on the S x S canvas under the accelerator's autocast; K supports fused by the model
@@ -160,7 +161,7 @@ def evaluate_episodes(
         meter.update(pred, target, batch["class_id"])
         # 3. what the figure of this episode shows
         if want:
-            items.append(episode_panels(batch, out, pred, target, cfg.data.image_size))
+            items.append(episode_panels(batch, out, pred, target, canvas))
         bar.update(1)
         bar.set_postfix(miou=f"{meter.compute()['miou']:.1f}")
     bar.close()
@@ -168,7 +169,7 @@ def evaluate_episodes(
     return meter.compute(), items
 
 
-def episode_panels(batch: dict, out, pred: torch.Tensor, target: torch.Tensor, size: int) -> dict:
+def episode_panels(batch: dict, out, pred: torch.Tensor, target: torch.Tensor, canvas: Resize) -> dict:
     """Numpy material of one episode's figure (see `figures.save_prediction_figure`): the canvas images and masks,
     the canvas prediction, the class-agnostic map (CKMM's, else PFENet's prior, else the foreground probability)
     upsampled to the canvas, and the episode's foreground IoU at the original resolution."""
@@ -180,6 +181,7 @@ def episode_panels(batch: dict, out, pred: torch.Tensor, target: torch.Tensor, s
         name, heat = "PFENet prior", maps["prior"]
     else:
         name, heat = "foreground probability", maps["foreground"][:, None]
+    size = canvas.size
     heat = F.interpolate(heat[:1].float(), size=(size, size), mode="bilinear", align_corners=True)[0, 0]
     valid = target != IGNORE
     inter = int(((pred == 1) & (target == 1) & valid).sum())
@@ -191,7 +193,7 @@ def episode_panels(batch: dict, out, pred: torch.Tensor, target: torch.Tensor, s
         "support_keys": list(batch["support_keys"][0]),
         "query": to_rgb(batch["query_img"][0].cpu()),
         "query_mask": batch["query_mask"][0].cpu().numpy(),
-        "region": canvas_size(int(label.shape[0]), int(label.shape[1]), size),
+        "region": canvas.region(int(label.shape[0]), int(label.shape[1])),
         "supports": np.stack([to_rgb(s) for s in batch["support_imgs"][0].cpu()]),
         "support_masks": batch["support_masks"][0].cpu().numpy(),
         "prediction": out.logits[0].argmax(0).to(torch.uint8).cpu().numpy(),
@@ -221,8 +223,9 @@ def evaluate(
     out: Optional[Union[str, os.PathLike]] = None,
     figures: int = 4,
     progress: bool = True,
+    weights: Sequence[str] = ("final",),
 ) -> dict:
-    """Evaluate a trained model per (fold, shot, seed) and write the reports; returns results.json's content.
+    """Evaluate a trained model per (weights, fold, shot, seed) and write the reports; returns results.json's content.
 
     Args:
         checkpoint: a model file or run folder; `{fold}` in it is replaced by each fold.
@@ -235,6 +238,8 @@ def evaluate(
         out: report folder; default `default_out(checkpoint)`.
         figures: pictures of the first `figures` episodes of the first (fold, shot, seed).
         progress: the main process's progress bar.
+        weights: which weights of a run folder: `final` (model.safetensors, the default), `best` (best/, the best
+            validation mIoU; PFENet reports the epoch with the best mIoU on the test episodes), or both.
     """
     from accelerate.utils import gather_object
 
@@ -244,9 +249,11 @@ def evaluate(
     setup_logging()
     overrides = list(overrides)
     plan = plan_folds(checkpoint, folds)
-    for fold in plan[1:]:
-        resolve_checkpoint(checkpoint_for(checkpoint, fold))
-    model, cfg = load_for_fold(checkpoint, plan[0], configs, overrides)
+    weights = list(dict.fromkeys(weights)) or ["final"]
+    for w in weights:
+        for fold in plan:
+            resolve_checkpoint(checkpoint_for(checkpoint, fold), w)
+    model, cfg = load_for_fold(checkpoint, plan[0], configs, overrides, weights[0])
     shots = [int(k) for k in dict.fromkeys(shots)]
     seeds = [int(s) for s in dict.fromkeys(seeds if seeds else cfg.data.eval_seeds)]
     episodes = int(episodes if episodes is not None else cfg.data.eval_episodes)
@@ -273,28 +280,30 @@ def evaluate(
             stale.unlink()
     accelerator.wait_for_everyone()
     runlog = RunLog(accelerator, out, tracking)
-    tags = {"jc2a.kind": "eval", "jc2a.checkpoint": os.fspath(checkpoint), "jc2a.processes": str(world)}
+    tags = {"jc2a.kind": "eval", "jc2a.checkpoint": os.fspath(checkpoint), "jc2a.processes": str(world),
+            "jc2a.weights": ",".join(weights), "jc2a.backbone_weights": model.backbone.weights_source}  # fmt: skip
     runlog.start(cfg.train.experiment or cfg.data.dataset, "eval-" + run_name(cfg, variant(cfg)), mlflow_params(cfg),
                  None, tags)  # fmt: skip
 
-    # 3. every (fold, shot, seed); the first one's first episodes also become figures
+    # 3. every (weights, fold, shot, seed); the first one's first episodes also become figures
     rows, panels, checkpoints, first_cfg, title, class_names = [], [], {}, cfg, "", {}
-    for n, fold in enumerate(plan):
+    for n, (w, fold) in enumerate((w, fold) for w in weights for fold in plan):
         if n > 0:
-            model, cfg = load_for_fold(checkpoint, fold, configs, overrides)
+            model, cfg = load_for_fold(checkpoint, fold, configs, overrides, w)
         model.to(accelerator.device).eval()
         shards = open_shards(cfg, cfg.data.val_split)
-        checkpoints[str(cfg.data.fold)] = os.fspath(resolve_checkpoint(checkpoint_for(checkpoint, fold))[0])
+        model_file = os.fspath(resolve_checkpoint(checkpoint_for(checkpoint, fold), w)[0])
+        checkpoints[str(cfg.data.fold) if w == "final" else f"{cfg.data.fold}-{w}"] = model_file
         for shot in shots:
             for seed in seeds:
                 setting = copy.deepcopy(cfg)
                 setting.data.shot = shot
                 want = figures if not rows else 0
-                name = f"fold {setting.data.fold} {shot}-shot seed {seed}"
+                name = f"fold {setting.data.fold} {shot}-shot seed {seed}" + (f" ({w} weights)" if w != "final" else "")
                 result, items = evaluate_episodes(
                     accelerator, model, setting, shards, seed, episodes, want, progress and main, name
                 )
-                rows.append(_row(setting, seed, result))
+                rows.append(_row(setting, seed, result, w, model.backbone.weights_source))
                 runlog.log(_row_metrics(rows[-1]), step=0)
                 if main:
                     log.info("%s: mIoU %.2f, FB-IoU %.2f (%d episodes)", name, result["miou"], result["fbiou"],
@@ -315,6 +324,7 @@ def evaluate(
         "checkpoints": checkpoints,
         "shots": shots,
         "seeds": seeds,
+        "weights": weights,
         "processes": world,
     }
     if main:
@@ -325,16 +335,17 @@ def evaluate(
         if written:
             runlog.artifact(out / "figures", "figures")
         for s in results["summary"]:
-            key = f"{s['shot']}shot"
+            key = f"{s['shot']}shot" + (f"/{s['weights']}" if s["weights"] != "final" else "")
             runlog.log({f"miou/{key}/mean": s["miou_mean"], f"miou/{key}/std": s["miou_std"],
                         f"fbiou/{key}/mean": s["fbiou_mean"], f"fbiou/{key}/std": s["fbiou_std"]}, step=0)  # fmt: skip
     close_accelerator(accelerator)
     return results
 
 
-def _row(cfg: Config, seed: int, result: dict) -> dict:
+def _row(cfg: Config, seed: int, result: dict, weights: str, backbone_weights: str) -> dict:
     """A results.json row: the setting and its numbers (percent)."""
     return {
+        "weights": weights,
         "dataset": cfg.data.dataset,
         "fold": cfg.data.fold,
         "shot": cfg.data.shot,
@@ -345,6 +356,7 @@ def _row(cfg: Config, seed: int, result: dict) -> dict:
         "class_iou": {str(c): v for c, v in result["class_iou"].items()},
         "missing": result["missing"],
         "backbone": cfg.model.backbone.name,
+        "backbone_weights": backbone_weights,
         "method": variant(cfg),
         "image_size": cfg.data.image_size,
         "protocol": cfg.data.protocol,
@@ -352,7 +364,9 @@ def _row(cfg: Config, seed: int, result: dict) -> dict:
 
 
 def _row_metrics(row: dict) -> dict[str, float]:
-    where = f"fold{row['fold']}/{row['shot']}shot/seed{row['seed']}"
+    where = f"fold{row['fold']}/{row['shot']}shot/seed{row['seed']}" + (
+        f"/{row['weights']}" if row["weights"] != "final" else ""
+    )
     return {f"miou/{where}": row["miou"], f"fbiou/{where}": row["fbiou"]}
 
 
@@ -376,6 +390,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--episodes", type=int, default=None, help="episodes per fold and seed (data.eval_episodes)")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default <run>/eval, else ./eval)")
     parser.add_argument("--figures", type=int, default=4, help="figures of the first N episodes (default 4)")
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        choices=["final", "best"],
+        default=["final"],
+        help="a run's final model.safetensors (default) and/or best/ (the best validation mIoU; PFENet reports the "
+        "epoch with the best mIoU on the test episodes themselves): --weights final best scores both",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, applied last (e.g. data.shards=...)")
 
@@ -392,10 +414,12 @@ def run(args) -> int:
         out=args.out,
         figures=args.figures,
         progress=not args.no_progress,
+        weights=args.weights,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         for s in results["summary"]:
-            print(f"{s['dataset']} {s['backbone']} {s['shot']}-shot, folds {s['folds']}, seeds {s['seeds']}: "
+            print(f"{s['dataset']} {s['backbone']} {s['shot']}-shot ({s['weights']} weights), folds {s['folds']}, "
+                  f"seeds {s['seeds']}: "
                   f"mIoU {s['miou_mean']:.2f} ± {s['miou_std']:.2f}, FB-IoU {s['fbiou_mean']:.2f} ± "
                   f"{s['fbiou_std']:.2f}")  # fmt: skip
         out = Path(args.out) if args.out is not None else default_out(args.checkpoint)

@@ -6,14 +6,16 @@ no files; a bank file adds a format tag, the feature dim and a fingerprint of wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
 
-__all__ = ["BANK_FORMAT", "load_bank", "save_bank", "write_safetensors"]
+__all__ = ["BANK_FORMAT", "file_sha256", "load_bank", "read_torch_weights", "read_weights", "save_bank", "write_safetensors"]
 
 BANK_FORMAT = "jc2a-prototype-bank/2"  # safetensors; /1 was a torch.save pickle, no longer read
 
@@ -112,3 +114,92 @@ def _check_fingerprint(path: Path, stored: Optional[str], expected: Mapping[str,
                 f"{path}: prototype bank fingerprint differs at {key!r}: the file has {theirs.get(key)!r}, "
                 f"expected {expected.get(key)!r}; rebuild it with `jc2a bank` or delete the file"
             )
+
+
+# --------------------------------------------------------------------------- backbone weights
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_torch_weights(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
+    """The tensors of a torch weights file, read weights-only on the CPU.
+
+    Accepts a plain state dict, or a dict holding one under `state_dict` (a training checkpoint); a `module.`
+    prefix (DataParallel) is stripped.
+
+    Args:
+        path: the .pth file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a directory, not a torch file, pickled objects that are not plain data (refused without being
+            run), or no state dict of tensors in it (the first non-tensor entry is named).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not a weights file")
+    try:
+        data = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        blocked = [line for line in lines if "GLOBAL" in line]
+        if blocked:
+            raise ValueError(
+                f"{path}: holds pickled objects that are not plain weights data, refused without running them "
+                f"({blocked[0]})"
+            ) from None
+        fallback = lines[-1] if lines else type(exc).__name__
+        reason = next((line for line in lines if "Unsupported" in line or "error" in line.lower()), fallback)
+        raise ValueError(f"{path}: not a torch weights file ({reason})") from None
+    except Exception as exc:  # EOFError (empty), KeyError / RuntimeError (text, random bytes, truncated zip)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a torch weights file ({type(exc).__name__}: {reason})") from None
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: holds a {type(data).__name__}, not a state dict (a dict of tensors)")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in data.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: entry {key!r} is of type {type(value).__name__}, not a tensor: not a state dict")
+        out[key.removeprefix("module.")] = value
+    return out
+
+
+def read_weights(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], str]:
+    """A local backbone weights file: `(tensors, source)`, `source` = `file:<basename> sha256:<hex>`.
+
+    safetensors (any name) is read as such; anything else as a torch file, weights-only (`read_torch_weights`):
+    nothing in it is unpickled beyond tensors and plain containers. The model layer loads the tensors strictly
+    (`jc2a.model.backbone.load_features_state`).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: neither safetensors nor a weights-only torch state dict (one line naming the file).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    source = f"file:{path.name} sha256:{file_sha256(path)}"
+    zip_or_pickle = head[:2] == b"PK" or head[:1] == b"\x80"
+    if not zip_or_pickle:
+        try:
+            return load_file(os.fspath(path)), source
+        except SafetensorError as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"{path}: neither a safetensors nor a torch weights file ({reason})") from None
+    return read_torch_weights(path), source

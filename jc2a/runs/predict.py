@@ -9,9 +9,10 @@
     result.mask          # uint8 0/1 [H, W] at the query's size
     result.probability   # float32 [H, W] foreground probability
 
-Preprocessing is exactly the evaluation's (SPEC §1, §4): query and supports on PFENet's uint8 test canvas
-(`TestResize`), the logits upsampled bilinearly to a square of the query's longer side (as
-`score_at_original_size`) and cropped to the query's h x w, so the mask keeps the query's size and orientation.
+Preprocessing is exactly the evaluation's: query and supports on PFENet's uint8 evaluation canvas (`Resize`, or
+`test_Resize` with `data.eval_resize=test_resize`). The canvas logits are mapped back exactly: the query's region
+of the canvas (its top-left `canvas_size` corner), resized bilinearly to the query's h x w, so the mask lines up
+with the image at any size and keeps its orientation.
 All supports go into one forward: K-shot decision-level fusion. Files are read ignoring EXIF orientation, as the
 shards are (cv2 IMREAD_IGNORE_ORIENTATION; PIL does not rotate either): a photo a viewer shows rotated is
 segmented as stored.
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from jc2a.config import Config
-from jc2a.data.transforms import TestResize
+from jc2a.data.transforms import eval_canvas
 from jc2a.metrics import IGNORE
 
 ImageLike = Union[np.ndarray, "PIL.Image.Image"]  # noqa: F821
@@ -157,7 +158,7 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.cfg = cfg
         self.size = cfg.data.image_size
-        self.canvas = TestResize(self.size)
+        self.canvas = eval_canvas(self.size, cfg.data.eval_resize)
 
     @classmethod
     def from_checkpoint(
@@ -245,12 +246,23 @@ class Predictor:
         # 2. one forward with all K supports (decision-level fusion inside the model)
         with self._autocast():
             logits = self.model(q, s, m)
-        # 3. as score_at_original_size: bilinear to the longer side's square, then the query's h x w
-        side = max(h, w)
-        up = F.interpolate(logits[:1].float(), size=(side, side), mode="bilinear", align_corners=True)[0]
-        mask = up.argmax(dim=0)[:h, :w].to(torch.uint8)
-        probability = up.softmax(dim=0)[1, :h, :w]
+        # 3. back to the query: its region of the canvas, resized bilinearly to h x w (half-pixel centres, the
+        #    inverse of cv2.INTER_LINEAR's mapping onto the canvas)
+        up = canvas_to_image(logits[0].float(), self.canvas.region(h, w), (h, w))
+        mask = up.argmax(dim=0).to(torch.uint8)
+        probability = up.softmax(dim=0)[1]
         return Prediction(mask.cpu().numpy(), probability.cpu().numpy().astype(np.float32))
+
+
+def canvas_to_image(logits: torch.Tensor, region: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Canvas logits `[C, S, S]` -> `[C, h, w]`: the image's `region` (`new_h, new_w`, from the top-left corner) of the
+    canvas, resized bilinearly to `size` = (h, w) with `align_corners=False`, the pixel-centre convention of the
+    cv2 resize that put the image on the canvas; a region already (h, w) is returned as it is."""
+    new_h, new_w = region
+    crop = logits[:, :new_h, :new_w]
+    if (new_h, new_w) == tuple(size):
+        return crop
+    return F.interpolate(crop[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
 # --------------------------------------------------------------------------- the command
@@ -341,4 +353,14 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["MASK_HELP", "Prediction", "Predictor", "add_arguments", "read_image", "read_mask", "run", "support_mask"]
+__all__ = [
+    "MASK_HELP",
+    "Prediction",
+    "Predictor",
+    "add_arguments",
+    "canvas_to_image",
+    "read_image",
+    "read_mask",
+    "run",
+    "support_mask",
+]

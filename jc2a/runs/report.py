@@ -186,12 +186,14 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
     and sample std over seeds; per fold the mean over seeds. Rows are results.json rows."""
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["backbone"], r.get("method", ""), r["shot"]), []).append(r)
+        key = (r["dataset"], r["backbone"], r.get("method", ""), r.get("weights", "final"), r["shot"])
+        groups.setdefault(key, []).append(r)
     out = []
-    for (dataset, backbone, method, shot), members in groups.items():
+    for (dataset, backbone, method, weights, shot), members in groups.items():
         folds = sorted({r["fold"] for r in members})
         seeds = sorted({r["seed"] for r in members})
-        entry: dict[str, Any] = {"dataset": dataset, "backbone": backbone, "method": method, "shot": shot}
+        entry: dict[str, Any] = {"dataset": dataset, "backbone": backbone, "method": method, "weights": weights}
+        entry["shot"] = shot
         entry.update(folds=folds, seeds=seeds, episodes=members[0]["episodes"])
         for metric in ("miou", "fbiou"):
             per_seed = [statistics.fmean(r[metric] for r in members if r["seed"] == s) for s in seeds]
@@ -209,6 +211,19 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- results.md
+
+
+WEIGHTS_NOTE = {
+    "final": "Scored: the final weights (the run's model.safetensors).",
+    "best": "Scored: the best/ weights, picked on the validation episodes. PFENet's reported numbers are this kind: "
+    "it keeps the epoch with the best mIoU on the test episodes themselves, so they are selected on the test set.",
+}
+
+
+def architecture(name: str) -> str:
+    """The network a backbone name builds, without its weights tag or jc2a's variant prefix: `resnet50.tv_in1k`,
+    `pfenet_resnet50` and `resnet50` are all the paper's ResNet50."""
+    return name.split(".")[0].removeprefix("pfenet_")
 
 
 def _backbone_name(name: str) -> str:
@@ -266,20 +281,22 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines.append("- scored at each query's original resolution (SPEC §4): per-class intersection and union summed "
                  "over all episodes; mIoU = mean class IoU of the fold's novel classes; FB-IoU pooled")  # fmt: skip
     lines.append("")
-    settings = sorted({(s["dataset"], s["backbone"], s["method"]) for s in summary})
-    for dataset, backbone, method in settings:
-        by_shot = {
-            s["shot"]: s for s in summary if (s["dataset"], s["backbone"], s["method"]) == (dataset, backbone, method)
-        }
+    settings = sorted({(s["dataset"], s["backbone"], s["method"], s.get("weights", "final")) for s in summary})
+    for dataset, backbone, method, weights in settings:
+        setting = (dataset, backbone, method, weights)
+        by_shot = {s["shot"]: s for s in summary if (s["dataset"], s["backbone"], s["method"], s["weights"]) == setting}
         shots = sorted(set(by_shot) | {1, 5})
-        lines.append(f"## {DATASETS.get(dataset, dataset)}, {_backbone_name(backbone)}, {_method_name(method)}")
+        lines.append(f"## {DATASETS.get(dataset, dataset)}, {_backbone_name(backbone)}, {_method_name(method)}, "
+                     f"{weights} weights")  # fmt: skip
+        lines.append("")
+        lines.append(WEIGHTS_NOTE[weights])
         lines.append("")
         header = ["Backbone", "Method"]
         for k in shots:
             header += [f"{k}-shot fold-{f}" for f in FOLDS] + [f"{k}-shot mIoU", f"{k}-shot FB-IoU"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join("---" for _ in header) + "|")
-        paper = paper_comparison(dataset, backbone, method)
+        paper = paper_comparison(dataset, architecture(backbone), method)
         for label, by in paper:
             lines.append(_table_row(backbone, label, shots, {k: _paper_cells(by.get(k)) for k in shots}))
         ours = {k: _our_cells(by_shot.get(k)) for k in shots}
@@ -301,11 +318,15 @@ def markdown(results: Mapping[str, Any]) -> str:
                          f"{_backbone_name(backbone)}, {_method_name(method)}): the paper reports ResNet50 and "
                          "ResNet101 on PASCAL-5i and COCO-20i, ablations on PASCAL-5i ResNet50.")  # fmt: skip
         lines.append("")
-    lines += ["## Every fold, shot and seed", "", "| dataset | backbone | method | fold | shot | seed | episodes | "
-              "mIoU | FB-IoU |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["## Every fold, shot and seed", "", "| dataset | backbone | method | weights | fold | shot | seed | "
+              "episodes | mIoU | FB-IoU |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['dataset']} | {r['backbone']} | {_method_name(r.get('method', ''))} | {r['fold']} | "
-                     f"{r['shot']} | {r['seed']} | {r['episodes']} | {r['miou']:.2f} | {r['fbiou']:.2f} |")  # fmt: skip
+        lines.append(f"| {r['dataset']} | {r['backbone']} | {_method_name(r.get('method', ''))} | "
+                     f"{r.get('weights', 'final')} | {r['fold']} | {r['shot']} | {r['seed']} | {r['episodes']} | "
+                     f"{r['miou']:.2f} | {r['fbiou']:.2f} |")  # fmt: skip
+    sources = sorted({r["backbone_weights"] for r in rows if r.get("backbone_weights")})
+    if sources:
+        lines += ["", "Backbone weights: " + "; ".join(f"`{w}`" for w in sources)]
     return "\n".join(lines) + "\n"
 
 

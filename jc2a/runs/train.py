@@ -17,6 +17,7 @@ best/ (the best validation mIoU), metrics.jsonl, and at the end model.safetensor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -52,6 +53,7 @@ from jc2a.runs.common import (
     tracking_uri,
 )
 from jc2a.runs.files import save_bank
+from jc2a.runs.schedule import batch_plan, poly
 
 log = logging.getLogger("jc2a.runs")
 
@@ -225,13 +227,40 @@ def validate(accelerator, model, cfg: Config, shards, episodes: int, seed: int) 
     )
     for batch in loader:
         batch = to_device(batch, accelerator.device)
-        with accelerator.autocast():
+        with autocast(accelerator, cfg):
             logits = model(batch["query_img"], batch["support_imgs"], batch["support_masks"])
         pred, target = score_at_original_size(logits[0], batch["query_label"][0])
         meter.update(pred, target, batch["class_id"])
     meter.all_reduce()
     model.train(was_training)
     return meter.compute()
+
+
+# --------------------------------------------------------------------------- seeds and precision
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of `rank` once the initial weights are built (the same on every rank): distinct per (seed,
+    rank), so Dropout2d masks and P2B's training tie orders differ across ranks as they would within one big
+    batch, and never equal to another run's seed (SeedSequence, not `seed + rank`)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, 0x72616E6B, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def cpu_fp16_scaler(accelerator, cfg: Config):
+    """torch's own GradScaler for `train.cpu_fp16` on a CPU (accelerate runs fp16 only on an accelerator), else
+    None: accelerate's scaler (fp16 on a GPU), or no scaling (fp32, bf16)."""
+    if accelerator.device.type != "cpu" or cfg.train.mixed_precision != "fp16" or not cfg.train.cpu_fp16:
+        return None
+    return torch.amp.GradScaler("cpu")
+
+
+def autocast(accelerator, cfg: Config):
+    """The forward's precision: float16 autocast on a CPU with `train.cpu_fp16`, else accelerate's autocast."""
+    if accelerator.device.type == "cpu" and cfg.train.mixed_precision == "fp16" and cfg.train.cpu_fp16:
+        return torch.autocast("cpu", dtype=torch.float16)
+    return accelerator.autocast()
 
 
 # --------------------------------------------------------------------------- the loop
@@ -262,7 +291,7 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from tqdm import tqdm
 
-    from jc2a.model import build_model
+    from jc2a.runs.network import build_network
 
     # 1. set-up: the Accelerator, seeds, the run folder and its config
     setup_logging()
@@ -297,13 +326,16 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
         torch.use_deterministic_algorithms(True)
     set_seed(cfg.train.seed)  # the same on every rank: identical initial weights
     rank, world = accelerator.process_index, accelerator.num_processes
+    plan = batch_plan(cfg.train, world)
     if accelerator.is_main_process:
+        log.info("%s", plan.describe())
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG_FILE)
     accelerator.wait_for_everyone()
 
     # 2. data: this rank's share of the training stream; the validation split
-    model = build_model(cfg)
+    model = build_network(cfg)
+    torch.manual_seed(rank_seed(cfg.train.seed, rank))  # then dropout and P2B's ties differ across ranks
     train_shards = open_shards(cfg, cfg.data.train_split)
     val_shards = open_shards(cfg, cfg.data.val_split)
     loader = train_loader(cfg, model.backbone.mean, rank=rank, world=world, shards=train_shards)
@@ -320,13 +352,15 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
         log.info("CKMM bank: %s", state.bank)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
-        params, lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
+        params, lr=plan.effective_lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (1.0 - min(s, total_steps) / total_steps) ** cfg.train.power
-    )  # PFENet's poly: lr = base (1 - step / total)^power, over optimizer steps
+    # PFENet's poly: lr = effective lr x (1 - step / total)^power, over optimizer steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly(total_steps, cfg.train.power))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     core = accelerator.unwrap_model(model)
+    scaler = cpu_fp16_scaler(accelerator, cfg)
+    if scaler is not None:
+        accelerator.register_for_checkpointing(scaler)  # its scale resumes with the run
 
     # 4. resume: weights, optimizer, scheduler, scaler, RNG, data position, step, bank
     if checkpoint is not None:
@@ -339,16 +373,20 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
     state.mlflow_run_id = runlog.start(
         cfg.train.experiment or cfg.data.dataset,
         run_name(cfg, ablation_row(cfg)),
-        mlflow_params(cfg),
+        {**mlflow_params(cfg), **plan.params()},
         state.mlflow_run_id,
-        {"jc2a.row": ablation_row(cfg), "jc2a.processes": str(world)},
+        {
+            "jc2a.row": ablation_row(cfg),
+            "jc2a.processes": str(world),
+            "jc2a.backbone_weights": core.backbone.weights_source,
+        },
     )
     runlog.artifact(run_dir / CONFIG_FILE)
 
     try:
         # 5. the loop: micro-batches; at each optimizer step: log, validate, keep the best, checkpoint
         model.train()
-        stepper = Stepper(accelerator, model, core, optimizer, scheduler, params, cfg.train.clip_grad)
+        stepper = Stepper(accelerator, model, core, optimizer, scheduler, params, cfg.train.clip_grad, scaler)
         show = progress and accelerator.is_main_process
         bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not show)
         tick, metrics = time.perf_counter(), {}
@@ -373,6 +411,10 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
                     tick = time.perf_counter()
                 if (cfg.train.val_every and state.step % cfg.train.val_every == 0) or last:  # 5c. validation
                     metrics.update(_validate_and_keep_best(accelerator, core, cfg, val_shards, state, runlog, run_dir))
+                if cfg.train.val_full_every and (state.step % cfg.train.val_full_every == 0 or last):
+                    metrics.update(
+                        _validate_and_keep_best(accelerator, core, cfg, val_shards, state, runlog, run_dir, full=True)
+                    )
                 if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or last:  # 5d. checkpoint
                     target = run_dir / "checkpoints" / f"step-{state.step}"
                     save_checkpoint(accelerator, target, state, cfg.train.keep_checkpoints)
@@ -380,14 +422,14 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
                     break
             else:  # the epoch is over
                 state.epoch, state.batch = state.epoch + 1, 0
-                if core.prototype_bank is not None and not core.backbone.frozen and state.step < total_steps:
+                if core.prototype_bank is not None and core.backbone.moves and state.step < total_steps:
                     _rebuild_bank(accelerator, core, cfg, train_shards, bank_out, state, runlog, progress)
                 continue
             break
         bar.close()
 
         # 6. final files: model.safetensors (weights, buffers, bank), bank.safetensors; MLflow artifacts
-        if core.prototype_bank is not None and not core.backbone.frozen:
+        if core.prototype_bank is not None and core.backbone.moves:
             _rebuild_bank(accelerator, core, cfg, train_shards, bank_out, state, runlog, progress)
         state.skipped_records += loader.skipped_records
         if accelerator.is_main_process:
@@ -412,10 +454,17 @@ class Stepper:
     """One micro-batch at a time: forward, loss, a guard against non-finite values, backward, and at the end of an
     accumulation window the optimizer step; it keeps the window's numbers for logging."""
 
-    def __init__(self, accelerator, model, core, optimizer, scheduler, params: list, clip: float) -> None:
+    def __init__(
+        self, accelerator, model, core, optimizer, scheduler, params: list, clip: float, scaler=None
+    ) -> None:
         self.accelerator, self.model, self.core = accelerator, model, core
         self.optimizer, self.scheduler, self.params = optimizer, scheduler, params
         self.clip = clip or math.inf
+        self.scaler = scaler  # torch's GradScaler of `train.cpu_fp16` (accelerate keeps its own on a GPU)
+        # accelerate's prepared model autocasts on a GPU itself; fp16 on a CPU is torch's autocast, here
+        self.cpu_autocast = (
+            (lambda: torch.autocast("cpu", dtype=torch.float16)) if scaler is not None else contextlib.nullcontext
+        )
         self.window: dict[str, list[float]] = defaultdict(list)
         self.micros, self.grads = 0, False
 
@@ -424,11 +473,12 @@ class Stepper:
         acc = self.accelerator
         with acc.accumulate(self.model):
             # 1. forward and loss (uint8 images normalised on the device by the backbone)
-            out = self.model(batch["query_img"], batch["support_imgs"], batch["support_masks"])
+            with self.cpu_autocast():
+                out = self.model(batch["query_img"], batch["support_imgs"], batch["support_masks"])
             loss = self.core.loss(out, batch["query_mask"])
             # 2. a non-finite loss on any rank: no rank takes a backward step on it
             if _all_ok(acc, bool(torch.isfinite(loss))):
-                acc.backward(loss)
+                acc.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
                 self.grads = True
                 with torch.no_grad():
                     self.window["loss"].append(float(loss))
@@ -438,14 +488,21 @@ class Stepper:
                 return False
             # 3. the optimizer step, unless nothing finite was accumulated or the gradient is not finite
             #    (fp16: accelerate's loss scaler skips inf steps itself; DeepSpeed clips and steps in backward)
+            if self.grads and self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # true gradients for the norm and the clip
             norm = acc.clip_grad_norm_(self.params, self.clip) if self.grads else math.nan
             norm = 0.0 if norm is None else float(norm)
             if self.grads and (math.isfinite(norm) or acc.scaler is not None):
-                self.optimizer.step()
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                else:
+                    self.optimizer.step()
                 self.window["grad_norm"].append(norm)
             else:
                 state.skipped_steps += 1
                 log.warning("step %d skipped: non-finite loss or gradient", state.step + 1)
+            if self.grads and self.scaler is not None:
+                self.scaler.update()  # halves the scale after an overflow, grows it after a run of good steps
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.grads = False
@@ -464,35 +521,51 @@ class Stepper:
             "episodes_per_s": self.micros * batch_size * acc.num_processes / max(seconds, 1e-9),
             "epoch": float(state.epoch),
         }
+        scaler = self.scaler if self.scaler is not None else acc.scaler
+        if scaler is not None:
+            out["loss_scale"] = float(scaler.get_scale())
         self.window.clear()
         self.micros = 0
         return out
 
 
-def _validate_and_keep_best(accelerator, core, cfg: Config, shards, state: TrainState, runlog, run_dir: Path) -> dict:
-    """Validation metrics; a new best mIoU is saved as best/ (a full checkpoint plus model.safetensors)."""
-    result = validate(accelerator, core, cfg, shards, cfg.train.val_episodes, cfg.data.eval_seeds[0])
-    runlog.log({"val_miou": result["miou"], "val_fbiou": result["fbiou"]}, state.step)
-    log.info("step %d: validation mIoU %.2f, FB-IoU %.2f", state.step, result["miou"], result["fbiou"])
-    if result["miou"] > state.best_miou:
+def _validate_and_keep_best(
+    accelerator, core, cfg: Config, shards, state: TrainState, runlog, run_dir: Path, full: bool = False
+) -> dict:
+    """Validation metrics; a new best mIoU is saved as best/ (a full checkpoint plus model.safetensors).
+
+    `full`: on the whole evaluation list (`data.eval_episodes`, as PFENet selects its best epoch), logged as
+    `val_full_*`; when `train.val_full_every` is on, best/ is chosen on these and not on the short validations.
+    """
+    episodes = cfg.data.eval_episodes if full else cfg.train.val_episodes
+    result = validate(accelerator, core, cfg, shards, episodes, cfg.data.eval_seeds[0])
+    prefix = "val_full" if full else "val"
+    runlog.log({f"{prefix}_miou": result["miou"], f"{prefix}_fbiou": result["fbiou"]}, state.step)
+    log.info("step %d: validation (%d episodes) mIoU %.2f, FB-IoU %.2f", state.step, episodes, result["miou"],
+             result["fbiou"])  # fmt: skip
+    picks_best = full or not cfg.train.val_full_every
+    if picks_best and result["miou"] > state.best_miou:
         state.best_miou, state.best_step = result["miou"], state.step
         save_checkpoint(accelerator, run_dir / "best", state)
         if accelerator.is_main_process:
             save_model_file(run_dir / "best" / MODEL_FILE, core, cfg, step=state.step, miou=result["miou"])
-    return {"val_miou": result["miou"], "val_fbiou": result["fbiou"]}
+    return {f"{prefix}_miou": result["miou"], f"{prefix}_fbiou": result["fbiou"]}
 
 
 def _trace(run_dir: Path, rank: int, step: int, batch: dict, params: list) -> None:
-    """One line per step of this rank: its query keys and the sha256 of its trainable parameters."""
+    """One line per step of this rank: its query keys, the sha256 of its trainable parameters (equal on every rank)
+    and of its torch RNG state (what dropout and P2B's ties draw from: different on every rank)."""
     import hashlib
 
     digest = hashlib.sha256()
     for p in params:
         digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    rng = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
     folder = run_dir / "trace"
     folder.mkdir(parents=True, exist_ok=True)
+    line = {"step": step, "queries": list(batch["query_key"]), "params": digest.hexdigest(), "rng": rng}
     with open(folder / f"rank-{rank}.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "queries": list(batch["query_key"]), "params": digest.hexdigest()}) + "\n")
+        f.write(json.dumps(line) + "\n")
 
 
 def _mean(accelerator, values: list[float]) -> float:
