@@ -21,7 +21,7 @@ COMMANDS = {
     "eval": ("jc2a.runs.evaluate", "evaluate a trained model at the paper's protocol: results.json/.md, figures"),
     "predict": ("jc2a.runs.predict", "segment your own query images from K annotated support images"),
     "demo": ("jc2a.runs.demo", "the main job on the built-in toy data: train, evaluate, show that JC2A learns"),
-    "summary": ("jc2a.model.summary", "parameter counts of the paper's Table 3 rows"),
+    "summary": ("jc2a.runs.summary", "parameter counts of the paper's Table 3 rows"),
     "bench": ("jc2a.bench", "benchmarks that print ratios measured in one run"),
 }
 

@@ -179,7 +179,7 @@ def test_mlflow_gets_the_rows_reports_and_figures(trained, tmp_path, monkeypatch
     (run,) = client.search_runs([client.get_experiment_by_name("coco20i").experiment_id], "tags.`jc2a.kind` = 'eval'")
     assert run.data.metrics["miou/fold0/1shot/seed0"] == pytest.approx(results["rows"][0]["miou"])
     assert run.data.metrics["fbiou/1shot/mean"] == pytest.approx(results["summary"][0]["fbiou_mean"])
-    assert run.info.run_name == "eval-coco20i-f0-1shot-resnet18-JC2A"
+    assert run.info.run_name == "eval-coco20i-f0-1shot-resnet18-jc2a"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results.json", "results.md", "figures"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "figures")] == ["figures/episode-0000.png"]

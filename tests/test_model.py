@@ -14,7 +14,7 @@ from jc2a.model import JC2A, JC2AMaps, JC2AOutput, build_model
 from jc2a.model.ckmm import EMPTY_BANK
 from jc2a.model.hpam import HPAM
 from jc2a.model.jc2a import pyramid_bins, pyramid_blocks
-from jc2a.model.summary import TABLE3, explain, format_table, summarize
+from jc2a.runs.summary import TABLE3, explain, format_table, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "configs" / "toy.yaml"
@@ -246,18 +246,26 @@ def test_every_ablation_config_builds_and_runs(path):
     assert out.shape == (1, 2, 129, 129) and torch.isfinite(out).all()
 
 
-def test_ablation_files_cover_the_tables():
-    names = {p.stem for p in ABLATIONS}
-    assert {f"table3_{r.name}" for r in TABLE3} <= names
-    assert {"table4_na", "table4_nla", "table4_cosine", "table4_no_pe", "table4_ours"} <= names
-    assert {"table5_pfenet", "table5_pfenet_ckmm"} <= names
-    assert {f"table6_{c}_{op}" for c in ("hpam", "mia") for op in ("multiply", "add", "concat")} <= names
-    for p in ABLATIONS:
-        assert p.read_text().startswith("# Table "), p
-    for row in TABLE3:  # the summary's rows are the table3 files
-        from_file = load_config([TOY, REPO / "configs" / "ablation" / f"table3_{row.name}.yaml"])
-        from_row = load_config(TOY, row.overrides())
-        assert from_file.model == from_row.model, row.name
+def test_ablation_files_are_the_registrys_rows():
+    """Every file of configs/ablation/ is a row of `jc2a.paper`, and builds exactly that row's variant: a newcomer
+    changes an ablation in the registry, and this test says which file disagrees."""
+    from jc2a.config import flatten
+    from jc2a.paper import ROWS, VARIANTS, identify
+
+    files = {p.stem: p for p in ABLATIONS}
+    named = {r.config for r in ROWS if r.config}
+    assert named == set(files), (named ^ set(files))
+    defaults = flatten(load_config(TOY))
+    for row in ROWS:
+        if row.config is None:
+            continue
+        assert files[row.config].read_text().startswith("# Table "), row.config
+        cfg = flatten(load_config([TOY, files[row.config]]))
+        assert identify(cfg, defaults) == row.variant, row.config
+        expected = {**{k: defaults[k] for k in cfg if k.startswith("model.")}, **VARIANTS[row.variant].model}
+        assert {k: v for k, v in cfg.items() if k.startswith("model.")} == expected, row.config
+    for row in TABLE3:  # the summary's rows are the registry's Table 3
+        assert load_config(TOY, row.overrides()).model == load_config([TOY, files[row.row.config]]).model
 
 
 def test_ablation_switches_change_the_decoder_input():
@@ -282,7 +290,7 @@ def test_summary_counts_on_a_toy_config():
     cfg, counts = summarize([str(TOY)])
     by = {c.row.name: c for c in counts}
     nbins, c = len(cfg.model.bins), cfg.model.feat_dim
-    assert by["p2p_p2b"].total == by["p2b"].total  # shared projections, add merge
+    assert by["p2p+p2b"].total == by["p2b"].total  # shared projections, add merge
     assert by["ckmm"].total - by["baseline"].total == nbins * c  # one more init_merge input channel
     assert by["p2p"].total - by["baseline"].total == 3 * c * c + nbins * c * c
     assert by["baseline"].trainable == by["baseline"].total  # the toy trains its backbone

@@ -260,7 +260,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(coco_shards, tmp_path, mo
     params = record.data.params  # the launch's own numbers beside the config's
     assert (params["run.processes"], params["run.global_batch"], params["run.effective_lr"]) == ("1", "2", "0.0125")
     assert record.data.tags["jc2a.backbone_weights"] == "random init"
-    assert record.info.run_name == "coco20i-f0-1shot-resnet18-all"
+    assert record.info.run_name == "coco20i-f0-1shot-resnet18-jc2a" and record.data.tags["jc2a.variant"] == "jc2a"
     assert mlflow.get_experiment(record.info.experiment_id).name == "coco20i"
     history = client.get_metric_history(record.info.run_id, "loss")
     assert sorted(m.step for m in history) == [1, 2]

@@ -325,16 +325,3 @@ def run_name(cfg: Config, row: str = "") -> str:
     """`coco20i-f0-1shot-resnet50[-row]`: the run's name in MLflow."""
     name = f"{cfg.data.dataset}-f{cfg.data.fold}-{cfg.data.shot}shot-{cfg.model.backbone.name}"
     return f"{name}-{row}" if row else name
-
-
-def ablation_row(cfg: Config) -> str:
-    """The paper's Table 3 row a config is: baseline, p2p, p2b, p2p+p2b, ckmm, all (or '' for others)."""
-    h, ckmm = cfg.model.hpam, cfg.model.ckmm.enabled
-    parts = [name for name, on in (("p2p", h.p2p), ("p2b", h.p2b)) if on]
-    if cfg.model.pfenet_prior:
-        parts.append("prior")
-    if ckmm:
-        parts.append("ckmm")
-    if not parts:
-        return "baseline"
-    return "all" if parts == ["p2p", "p2b", "ckmm"] else "+".join(parts)

@@ -1,4 +1,4 @@
-"""Evaluation reports: the paper's numbers (Tables 1-6) as data, the summary over folds and seeds, results.json/.md."""
+"""Evaluation reports: the summary over folds and seeds, results.json/.md beside the paper's rows (`jc2a.paper`)."""
 
 from __future__ import annotations
 
@@ -7,170 +7,20 @@ import math
 import os
 import statistics
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from jc2a.config import Config
+from jc2a.config import Config, flatten
+from jc2a.paper import DATASETS, ROWS, VARIANTS, Numbers, comparison, identify, variant_name
 
-__all__ = [
-    "PAPER",
-    "PAPER_ABLATION",
-    "PAPER_AGGREGATION",
-    "PAPER_CKMM_TRANSFER",
-    "PAPER_HPAM",
-    "PaperRow",
-    "markdown",
-    "paper_comparison",
-    "summarize",
-    "variant",
-    "write_atomic",
-    "write_results",
-]
+__all__ = ["architecture", "markdown", "reproduction_markdown", "summarize", "variant", "write_atomic", "write_results"]
 
 FOLDS = (0, 1, 2, 3)
-DATASETS = {"pascal5i": "PASCAL-5i", "coco20i": "COCO-20i"}
-METHODS = {"JC2A": "JC²A", "PFENet": "PFENet [38]", "HSNet": "HSNet [28]"}
-
-
-class PaperRow(NamedTuple):
-    """One shot's numbers of a method in the paper's Tables 1-2: per-fold mIoU, their mean, FB-IoU (None: '-')."""
-
-    folds: tuple[float, float, float, float]
-    miou: float
-    fbiou: Optional[float]
-
-
-def _row(f0: float, f1: float, f2: float, f3: float, miou: float, fbiou: Optional[float]) -> PaperRow:
-    return PaperRow((f0, f1, f2, f3), miou, fbiou)
-
-
-# Tables 1 (PASCAL-5i) and 2 (COCO-20i): dataset -> timm backbone -> method -> shot -> row. JC2A and the two
-# baselines this code can reproduce or descends from (PFENet: the decoder and protocol; HSNet: the protocol).
-# Table 2 has no PFENet ResNet50 row. Numbers as printed: Table 1's JC2A ResNet50 5-shot mean (65.4, also in
-# Tables 3, 4 and 6) is not the mean of its folds (65.55).
-PAPER: dict[str, dict[str, dict[str, dict[int, PaperRow]]]] = {
-    "pascal5i": {
-        "resnet50": {
-            "PFENet": {1: _row(61.7, 69.5, 55.4, 56.3, 60.8, 73.3), 5: _row(63.1, 70.7, 55.8, 57.9, 61.9, 73.9)},
-            "HSNet": {1: _row(64.3, 70.7, 60.3, 60.5, 64.0, 76.7), 5: _row(70.3, 73.2, 67.4, 67.1, 69.5, 80.6)},
-            "JC2A": {1: _row(67.3, 72.4, 57.7, 60.7, 64.5, 76.5), 5: _row(68.6, 72.9, 58.7, 62.0, 65.4, 76.8)},
-        },
-        "resnet101": {
-            "PFENet": {1: _row(60.5, 69.4, 54.4, 55.9, 60.1, 72.9), 5: _row(62.8, 70.4, 54.9, 57.6, 61.4, 73.5)},
-            "HSNet": {1: _row(67.3, 72.3, 62.0, 63.1, 66.2, 77.6), 5: _row(71.8, 74.4, 67.0, 68.3, 70.4, 80.6)},
-            "JC2A": {1: _row(68.2, 74.4, 59.8, 63.0, 66.4, 78.8), 5: _row(70.6, 75.2, 61.9, 64.8, 68.1, 80.6)},
-        },
-    },
-    "coco20i": {
-        "resnet50": {
-            "HSNet": {1: _row(36.3, 43.1, 38.7, 38.7, 39.2, 68.2), 5: _row(43.3, 51.3, 48.2, 45.0, 46.9, 70.7)},
-            "JC2A": {1: _row(40.4, 47.4, 44.5, 43.5, 44.0, 70.0), 5: _row(44.3, 53.5, 46.0, 45.8, 47.4, 71.5)},
-        },
-        "resnet101": {
-            "PFENet": {1: _row(34.3, 33.0, 32.3, 30.1, 32.4, 58.6), 5: _row(38.5, 38.6, 38.2, 34.3, 37.4, 61.9)},
-            "HSNet": {1: _row(37.2, 44.1, 42.4, 41.3, 41.2, 69.1), 5: _row(45.9, 53.0, 51.8, 47.1, 49.5, 72.4)},
-            "JC2A": {1: _row(41.5, 48.6, 45.6, 42.9, 44.7, 70.6), 5: _row(43.7, 55.2, 47.3, 47.7, 48.5, 72.0)},
-        },
-    },
-}
-
-# Table 3 (PASCAL-5i, ResNet50, mean mIoU over folds): `ablation_row` -> (parameters in M, 1-shot, 5-shot).
-PAPER_ABLATION: dict[str, tuple[float, float, float]] = {
-    "baseline": (34.09, 59.0, 60.6),
-    "p2p": (34.52, 61.3, 62.2),
-    "p2b": (34.61, 62.7, 63.3),
-    "p2p+p2b": (34.61, 63.6, 64.7),
-    "ckmm": (34.11, 61.7, 62.8),
-    "all": (34.64, 64.5, 65.4),
-}
-
-# Table 4 (PASCAL-5i, ResNet50): HPAM's attention -> (1-shot mIoU, FB-IoU, inference speed, 5-shot the same).
-# Keys are `model.hpam.attention`; "linear_relu/no_pe" is ours without P2B's position embeddings.
-PAPER_HPAM: dict[str, tuple[float, float, float, float, float, float]] = {
-    "softmax": (64.2, 76.9, 1.00, 65.5, 77.2, 0.19),  # NA
-    "linear_bn": (62.8, 74.5, 4.11, 63.3, 74.9, 0.84),  # NLA
-    "cosine": (62.3, 74.4, 2.86, 62.8, 73.3, 0.55),
-    "linear_relu/no_pe": (63.1, 74.9, 4.07, 64.0, 75.2, 0.80),
-    "linear_relu": (64.5, 76.5, 4.10, 65.4, 76.8, 0.82),
-}
-PAPER_HPAM_NAMES = {"softmax": "NA", "linear_bn": "NLA", "cosine": "cosine", "linear_relu/no_pe": "ours w/o PE"}
-
-# Table 6 (PASCAL-5i, ResNet50): (component, op) -> (1-shot mIoU, FB-IoU, 5-shot mIoU, FB-IoU). HPAM's op is
-# `model.hpam.merge` (Eq. 10), MIA's `model.mia` (Eq. 14).
-PAPER_AGGREGATION: dict[tuple[str, str], tuple[float, float, float, float]] = {
-    ("hpam", "multiply"): (60.2, 72.3, 61.8, 73.5),
-    ("hpam", "add"): (64.5, 76.5, 65.4, 76.8),
-    ("hpam", "concat"): (64.0, 75.7, 64.8, 76.1),
-    ("mia", "multiply"): (58.8, 70.1, 60.9, 73.0),
-    ("mia", "add"): (62.7, 74.3, 63.3, 75.0),
-    ("mia", "concat"): (64.5, 76.5, 65.4, 76.8),
-}
-
-# Table 5 (CKMM added to other methods): the paper's text extraction keeps one row per dataset, SCL [49]'s numbers
-# (PASCAL-5i ResNet50, COCO-20i ResNet101) each with a subscript that reads as CKMM's gain ("+0.65", some rendered
-# "±0.70"); the PFENet and MM-Net rows are lost. (dataset, shot) -> ((fold-0..3, mIoU), (their subscripts)).
-PAPER_CKMM_TRANSFER: dict[tuple[str, int], tuple[tuple[float, ...], tuple[float, ...]]] = {
-    ("pascal5i", 1): ((63.0, 70.0, 56.5, 57.7, 61.8), (0.65, 1.63, 0.47, 0.70, 0.86)),
-    ("pascal5i", 5): ((64.5, 70.9, 57.3, 58.7, 62.9), (0.79, 1.28, 0.54, 0.77, 0.85)),
-    ("coco20i", 1): ((36.4, 38.6, 37.5, 35.4, 37.0), (1.26, 1.30, 0.78, 1.03, 1.09)),
-    ("coco20i", 5): ((38.9, 40.5, 41.5, 38.7, 39.9), (1.17, 1.34, 0.88, 1.01, 1.10)),
-}
-
-
-# --------------------------------------------------------------------------- which paper row a config is
 
 
 def variant(cfg: Config) -> str:
-    """The paper's name for a config's model: "JC2A" for the full model with the paper's choices, else its Table 3
-    row (`baseline`, `p2p`, ... as `ablation_row`) plus what differs from the paper's choices (`+attention=softmax`,
-    `+no_pe`, `+hpam.merge=concat`, `+mia=add`)."""
-    from jc2a.runs.common import ablation_row
-
-    mc, row = cfg.model, ablation_row(cfg)
-    hpam_on = mc.hpam.p2p or mc.hpam.p2b
-    changed = []
-    if hpam_on and mc.hpam.attention != "linear_relu":
-        changed.append(f"attention={mc.hpam.attention}")
-    if mc.hpam.p2b and not mc.hpam.pos_embed:
-        changed.append("no_pe")
-    if hpam_on and mc.hpam.merge != "add":
-        changed.append(f"hpam.merge={mc.hpam.merge}")
-    if mc.ckmm.enabled and mc.mia != "concat":
-        changed.append(f"mia={mc.mia}")
-    if row == "all" and not changed:
-        return "JC2A"
-    return "+".join([row, *changed])
-
-
-def paper_comparison(dataset: str, backbone: str, method: str) -> list[tuple[str, dict[int, PaperRow]]]:
-    """The paper's rows to print beside ours: `[(label, {shot: PaperRow})]`, empty when no row has this setting.
-
-    Tables 1-2 (PFENet, HSNet, JC2A) for the full model on a (dataset, backbone) the paper reports; Tables 3, 4
-    and 6 (PASCAL-5i, ResNet50, mean mIoU / FB-IoU only) for an ablation the paper ran.
-    """
-    table = PAPER.get(dataset, {}).get(backbone)
-    if table is None:
-        return []
-    if method == "JC2A":
-        return [(f"{METHODS[m]} (paper)", table[m]) for m in ("PFENet", "HSNet", "JC2A") if m in table]
-    if (dataset, backbone) != ("pascal5i", "resnet50"):
-        return []
-    nan4 = (math.nan,) * 4
-    if method in PAPER_ABLATION:  # Table 3: mean mIoU only
-        _, one, five = PAPER_ABLATION[method]
-        return [(f"Table 3 {method} (paper)", {1: PaperRow(nan4, one, None), 5: PaperRow(nan4, five, None)})]
-    table4 = {"all+attention=" + k: k for k in ("softmax", "linear_bn", "cosine")}
-    table4["all+no_pe"] = "linear_relu/no_pe"
-    if method in table4:
-        m1, f1, _, m5, f5, _ = PAPER_HPAM[table4[method]]
-        name = PAPER_HPAM_NAMES[table4[method]]
-        return [(f"Table 4 {name} (paper)", {1: PaperRow(nan4, m1, f1), 5: PaperRow(nan4, m5, f5)})]
-    for (component, op), (m1, f1, m5, f5) in PAPER_AGGREGATION.items():
-        key = "hpam.merge" if component == "hpam" else "mia"
-        if method == f"all+{key}={op}":
-            return [
-                (f"Table 6 {component.upper()} {op} (paper)", {1: PaperRow(nan4, m1, f1), 5: PaperRow(nan4, m5, f5)})
-            ]
-    return []
+    """The paper's variant a config's model is (`jc2a.paper.VARIANTS` key: `jc2a`, `baseline`, `p2p`, `na`, ...), or
+    `custom:` and what differs from the full JC2A."""
+    return identify(flatten(cfg), flatten(Config()))
 
 
 # --------------------------------------------------------------------------- summary
@@ -231,10 +81,10 @@ def _backbone_name(name: str) -> str:
 
 
 def _method_name(method: str) -> str:
-    return METHODS.get(method, method)
+    return variant_name(method)
 
 
-def _paper_cells(row: Optional[PaperRow]) -> list[Optional[float]]:
+def _paper_cells(row: Optional[Numbers]) -> list[Optional[float]]:
     """fold-0..3, mIoU, FB-IoU of a paper row (None where the paper has no number)."""
     if row is None:
         return [None] * 6
@@ -296,13 +146,14 @@ def markdown(results: Mapping[str, Any]) -> str:
             header += [f"{k}-shot fold-{f}" for f in FOLDS] + [f"{k}-shot mIoU", f"{k}-shot FB-IoU"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join("---" for _ in header) + "|")
-        paper = paper_comparison(dataset, architecture(backbone), method)
-        for label, by in paper:
-            lines.append(_table_row(backbone, label, shots, {k: _paper_cells(by.get(k)) for k in shots}))
+        paper = comparison(dataset, architecture(backbone), method)
+        for row in paper:
+            label = f"Table {row.table} {row.label} (paper)" if row.table > 2 else f"{row.label} (paper)"
+            lines.append(_table_row(backbone, label, shots, {k: _paper_cells(row.shots.get(k)) for k in shots}))
         ours = {k: _our_cells(by_shot.get(k)) for k in shots}
         lines.append(_table_row(backbone, f"{_method_name(method)} (this run)", shots, ours))
         if paper:  # this run minus the paper's own row (the last: JC2A in Tables 1-2, the ablation's otherwise)
-            reference = {k: _paper_cells(paper[-1][1].get(k)) for k in shots}
+            reference = {k: _paper_cells(paper[-1].shots.get(k)) for k in shots}
             delta = {k: [_minus(a, b) for a, b in zip(ours[k], reference[k])] for k in shots}
             for k, s in by_shot.items():
                 if not s["all_folds"]:  # a mean over fewer folds is not the paper's mean: compare folds only
@@ -364,58 +215,30 @@ def _pair(one: float, five: float, fb_one: Optional[float] = None, fb_five: Opti
     return f"{cell(one, fb_one)} | {cell(five, fb_five)}"
 
 
-def table3_config(row: str) -> str:
-    """The config file of a row of the paper's Table 3 (`PAPER_ABLATION`'s keys), relative to the repository."""
-    return f"configs/ablation/table3_{row.replace('+', '_')}.yaml"
-
-
 def reproduction_markdown() -> str:
-    """A row per row of the paper's Tables 1-6 (JC2A's and the baselines this code builds): the configs that
-    compose it and the paper's 1-shot / 5-shot mIoU (FB-IoU), mean over the four folds. The README holds this text
-    (a test keeps the two equal)."""
-    data = {"pascal5i": "configs/pascal5i.yaml", "coco20i": "configs/coco20i.yaml"}
-    backbone = {"resnet50": "", "resnet101": " configs/backbone/resnet101.yaml"}
-    rows = [
+    """A row per row of the paper's Tables 1-6 that this code builds (`jc2a.paper.ROWS`; HSNet's are another
+    architecture): the configs that compose it and the paper's 1-shot / 5-shot mIoU (FB-IoU), mean over the four
+    folds. The README holds this text (a test keeps the two equal)."""
+    lines = [
         "| table | dataset | backbone | row | configs (`--config` each, in order) | paper 1-shot mIoU (FB-IoU) "
         "| 5-shot |",
         "|---|---|---|---|---|---|---|",
     ]
-    ablation_file = {"JC2A": "", "PFENet": " configs/ablation/table5_pfenet.yaml", "HSNet": None}
-    for number, dataset in ((1, "pascal5i"), (2, "coco20i")):
-        for name, methods in PAPER[dataset].items():
-            for method, per_shot in methods.items():
-                extra = ablation_file[method]
-                if extra is None:
-                    continue  # another architecture: its number is the paper's, not a config of this code
-                configs = f"{data[dataset]}{backbone[name]}{extra}".strip()
-                one, five = per_shot[1], per_shot[5]
-                label = METHODS[method] + (" (PFENet's architecture: baseline + prior)" if method == "PFENet" else "")
-                rows.append(
-                    f"| {number} | {DATASETS[dataset]} | {_backbone_name(name)} | {label} | `{configs}` | "
-                    f"{_pair(one.miou, five.miou, one.fbiou, five.fbiou)} |"
-                )
-    base = "configs/pascal5i.yaml"
-    for row, (params, one, five) in PAPER_ABLATION.items():
-        rows.append(
-            f"| 3 | PASCAL-5i | ResNet50 | {row} ({params:.2f} M) | `{base} {table3_config(row)}` | {_pair(one, five)} |"
+    for row in ROWS:
+        if row.variant not in VARIANTS:
+            continue
+        label = row.label
+        if row.table <= 2 and row.variant == "pfenet":
+            label += " (PFENet's architecture: baseline + prior)"
+        if row.params_m is not None:
+            label += f" ({row.params_m:.2f} M)"
+        if row.speed is not None:
+            label += f" (1-shot speed {row.speed[0]:.2f}x)"
+        configs = " ".join(f"configs/{f}" for f in row.config_files())
+        one, five = row.shots.get(1), row.shots.get(5)
+        numbers = _pair(one.miou, five.miou, one.fbiou, five.fbiou) if one and five else "lost in the paper's text | —"
+        lines.append(
+            f"| {row.table} | {DATASETS[row.dataset]} | {_backbone_name(row.backbone)} | {label} | `{configs}` | "
+            f"{numbers} |"
         )
-    files = {"softmax": "table4_na", "linear_bn": "table4_nla", "cosine": "table4_cosine",
-             "linear_relu/no_pe": "table4_no_pe", "linear_relu": "table4_ours"}  # fmt: skip
-    for key, (one, fb1, speed1, five, fb5, _) in PAPER_HPAM.items():
-        name = PAPER_HPAM_NAMES.get(key, "ours")
-        rows.append(
-            f"| 4 | PASCAL-5i | ResNet50 | {name} (1-shot speed {speed1:.2f}x) | "
-            f"`{base} configs/ablation/{files[key]}.yaml` | {_pair(one, five, fb1, fb5)} |"
-        )
-    for dataset, name in (("pascal5i", "resnet50"), ("coco20i", "resnet101")):
-        for config, label in (("table5_pfenet", "PFENet"), ("table5_pfenet_ckmm", "PFENet + CKMM")):
-            rows.append(
-                f"| 5 | {DATASETS[dataset]} | {_backbone_name(name)} | {label} | "
-                f"`{data[dataset]}{backbone[name]} configs/ablation/{config}.yaml` | lost in the paper's text | — |"
-            )
-    for (component, op), (one, fb1, five, fb5) in PAPER_AGGREGATION.items():
-        rows.append(
-            f"| 6 | PASCAL-5i | ResNet50 | {component.upper()} {op} | "
-            f"`{base} configs/ablation/table6_{component}_{op}.yaml` | {_pair(one, five, fb1, fb5)} |"
-        )
-    return "\n".join(rows) + "\n"
+    return "\n".join(lines) + "\n"

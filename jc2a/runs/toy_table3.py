@@ -20,8 +20,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+from jc2a.paper import rows
+
 ROOT = Path(__file__).resolve().parents[2]
-ROWS = ("baseline", "p2p", "p2b", "p2p+p2b", "ckmm", "all")
+TABLE3 = {r.variant: r for r in rows(3)}  # variant key -> the paper's row (its config, its numbers)
+ROWS = tuple(TABLE3)
 MARKERS = ("<!-- toy-table3:start -->", "<!-- toy-table3:end -->")
 
 
@@ -35,11 +38,10 @@ def run_row(row: str, seed: int, shards: Path, out: Path, steps: int, episodes: 
     from jc2a.data.episodes import open_shards
     from jc2a.runs.common import close_accelerator, load_trained_model, make_accelerator, reset_accelerate_state
     from jc2a.runs.evaluate import evaluate_episodes
-    from jc2a.runs.report import table3_config
     from jc2a.runs.train import train
 
     run_dir = _run_dir(out, row, seed)
-    configs = [ROOT / "configs/demo.yaml", ROOT / table3_config(row)]
+    configs = [ROOT / "configs/demo.yaml", ROOT / "configs" / "ablation" / f"{TABLE3[row].config}.yaml"]
     overrides = [f"data.shards={shards}", f"train.output_dir={run_dir}", f"train.seed={seed}",
                  f"train.max_steps={steps}", f"train.save_every={steps}", "train.val_every=0", "train.tracking=none",
                  "data.eval_seeds=[0]"]  # fmt: skip
@@ -76,8 +78,6 @@ def previous_runs(path: Path, steps: int, episodes: int) -> dict[tuple[str, int]
 
 
 def table(runs: list[dict], steps: int, episodes: int, seeds: list[int], seconds: float, command: str) -> str:
-    from jc2a.runs.report import PAPER_ABLATION
-
     lines = [
         f"Run {date.today().isoformat()} on {platform.machine()} ({platform.processor() or 'CPU'}), {os.cpu_count()} "
         f"cores, no GPU; {len(runs)} runs, {seconds / 60:.0f} minutes of training and evaluation in all. Command: `{command}`.",
@@ -98,8 +98,8 @@ def table(runs: list[dict], steps: int, episodes: int, seeds: list[int], seconds
         fb = [r["fbiou"] for r in mine]
         std = statistics.stdev(miou) if len(miou) > 1 else 0.0
         std_fb = statistics.stdev(fb) if len(fb) > 1 else 0.0
-        p2p, p2b, ckmm = ("p2p" in row or row == "all"), ("p2b" in row or row == "all"), row in ("ckmm", "all")
-        params, paper_1, _ = PAPER_ABLATION[row]
+        p2p, p2b, ckmm = ("p2p" in row or row == "jc2a"), ("p2b" in row or row == "jc2a"), row in ("ckmm", "jc2a")
+        params, paper_1 = TABLE3[row].params_m, TABLE3[row].shots[1].miou
         ticks = " | ".join("✓" if on else "" for on in (p2p, p2b, ckmm))
         lines.append(
             f"| {row} | {ticks} | {mine[0]['trainable_params'] / 1e6:.3f} M | {statistics.mean(miou):.1f} ± {std:.1f} "

@@ -41,7 +41,6 @@ from jc2a.runs.common import (
     CONFIG_FILE,
     MODEL_FILE,
     RunLog,
-    ablation_row,
     bank_fingerprint,
     close_accelerator,
     make_accelerator,
@@ -53,6 +52,7 @@ from jc2a.runs.common import (
     tracking_uri,
 )
 from jc2a.runs.files import save_bank
+from jc2a.runs.report import variant
 from jc2a.runs.schedule import batch_plan, poly
 
 log = logging.getLogger("jc2a.runs")
@@ -372,11 +372,11 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
     runlog = RunLog(accelerator, run_dir, tracking)
     state.mlflow_run_id = runlog.start(
         cfg.train.experiment or cfg.data.dataset,
-        run_name(cfg, ablation_row(cfg)),
+        run_name(cfg, variant(cfg)),
         {**mlflow_params(cfg), **plan.params()},
         state.mlflow_run_id,
         {
-            "jc2a.row": ablation_row(cfg),
+            "jc2a.variant": variant(cfg),
             "jc2a.processes": str(world),
             "jc2a.backbone_weights": core.backbone.weights_source,
         },

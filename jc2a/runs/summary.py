@@ -11,39 +11,39 @@ from torch import nn
 
 from jc2a.config import Config, load_config
 from jc2a.folds import base_classes
+from jc2a.model import JC2A, build_model
 from jc2a.model.backbone import OUT_INDICES, OUTPUT_STRIDE
-from jc2a.model.jc2a import JC2A, build_model
+from jc2a.paper import VARIANTS, PaperRow, rows
+from jc2a.runs.report import architecture
 
 __all__ = ["TABLE3", "RowCount", "Table3Row", "add_arguments", "count", "explain", "format_table", "run", "summarize"]
 
 
 class Table3Row(NamedTuple):
-    """One row of the paper's Table 3 (ResNet50, PASCAL-5i) and its published parameter count."""
+    """One row of the paper's Table 3 (ResNet50, PASCAL-5i), read from `jc2a.paper`, and its switches."""
 
-    name: str
-    p2p: bool
-    p2b: bool
-    ckmm: bool
-    paper_m: float  # millions
+    row: PaperRow
+
+    @property
+    def name(self) -> str:
+        return self.row.variant
+
+    @property
+    def paper_m(self) -> float:
+        return float(self.row.params_m or 0.0)
 
     def overrides(self) -> list[str]:
-        """The dotted overrides that make this row (the same switches as `configs/ablation/table3_*.yaml`)."""
-        flag = {True: "true", False: "false"}
-        return [
-            f"model.hpam.p2p={flag[self.p2p]}",
-            f"model.hpam.p2b={flag[self.p2b]}",
-            f"model.ckmm.enabled={flag[self.ckmm]}",
-        ]
+        """The dotted overrides that make this row (its variant's: what `configs/ablation/table3_*.yaml` set)."""
+        return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in VARIANTS[self.name].model.items()]
+
+    @property
+    def switches(self) -> tuple[bool, bool, bool]:
+        """(P2P, P2B, CKMM) of this row."""
+        built = load_config(None, self.overrides()).model
+        return built.hpam.p2p, built.hpam.p2b, built.ckmm.enabled
 
 
-TABLE3 = (
-    Table3Row("baseline", False, False, False, 34.09),
-    Table3Row("p2p", True, False, False, 34.52),
-    Table3Row("p2b", False, True, False, 34.61),
-    Table3Row("p2p_p2b", True, True, False, 34.61),
-    Table3Row("ckmm", False, False, True, 34.11),
-    Table3Row("all", True, True, True, 34.64),
-)
+TABLE3 = tuple(Table3Row(r) for r in rows(3))
 
 
 @dataclass
@@ -102,6 +102,7 @@ def summarize(paths: Optional[Sequence[str]] = None, backbone: Optional[str] = N
 
 def _deep_stem_extra(name: str) -> Optional[int]:
     """Extra parameters of PFENet's deep ResNet stem (3x3 convs 3->64->64->128) over timm's 7x7 stem, if a ResNet."""
+    name = architecture(name)
     if not name.startswith("resnet"):
         return None
     kwargs = dict(features_only=True, out_indices=OUT_INDICES, output_stride=OUTPUT_STRIDE)
@@ -126,8 +127,9 @@ def format_table(cfg: Config, counts: Sequence[RowCount]) -> str:
     mark = {True: "x", False: "-"}
     for c in counts:
         r = c.row
+        p2p, p2b, ckmm = r.switches
         lines.append(
-            f"{r.name:<10} {mark[r.p2p]:>3} {mark[r.p2b]:>3} {mark[r.ckmm]:>4} {c.total:>12,} {c.total / 1e6:>7.2f} "
+            f"{r.name:<10} {mark[p2p]:>3} {mark[p2b]:>3} {mark[ckmm]:>4} {c.total:>12,} {c.total / 1e6:>7.2f} "
             f"{c.trainable:>12,} {r.paper_m:>9.2f} {c.diff_m:>+8.2f}"
         )
     return "\n".join(lines)
@@ -138,13 +140,14 @@ def explain(cfg: Config, counts: Sequence[RowCount]) -> list[str]:
     by = {c.row.name: c for c in counts}
     base, p2p, p2b, both, ckmm, full = (by[r.name] for r in TABLE3)
     name = cfg.model.backbone.name
+    arch = architecture(name)
     dim, nbins = cfg.model.feat_dim, len(cfg.model.bins)
     head = base.total - base.backbone
     sentences = []
 
     resnet50 = timm.create_model("resnet50", features_only=True, out_indices=OUT_INDICES)  # the paper's backbone
     r50, r50_dim = _numel(resnet50), resnet50.feature_info.channels()[-1]
-    if name != "resnet50":
+    if arch != "resnet50":
         sentences.append(
             f"The paper's counts are for ResNet50: timm {name} has {base.backbone / 1e6:.2f}M parameters against "
             f"ResNet50's {r50 / 1e6:.2f}M, which alone shifts every row by {(base.backbone - r50) / 1e6:+.2f}M."
