@@ -1,363 +1,583 @@
-"""Typed configuration: defaults in one place, YAML files with `_base_`, dotted command-line overrides."""
+"""Typed configuration: every option declared once, YAML files with `_base_`, dotted command-line overrides.
 
-from __future__ import annotations
+Each option is one pydantic field: its type (strict: no coercion of `"yes"` or `1` to a bool, of `1.0` or `true` to
+an int), its default, its allowed range or choices (`Field(ge=..., le=...)`, `Literal[...]`, constraints on list
+items) and its meaning (`description`, which `reference_markdown()` and so the README show). The few rules that tie
+two options together are in `_CROSS_FIELD`. Every error a user sees is one line naming where the offending value
+was set (a YAML file, "command line", "defaults", or "assignment" for `cfg.data.shot = 5` in code) and its key.
+"""
 
-import dataclasses
-import math
+import difflib
 import os
 import re
+import reprlib
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
+import annotated_types
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 __all__ = [
+    "AugmentConfig",
+    "BackboneConfig",
+    "CKMMConfig",
     "Config",
     "ConfigError",
     "DataConfig",
+    "HPAMConfig",
     "ModelConfig",
+    "TrainConfig",
+    "flatten",
     "load_config",
+    "reference_markdown",
     "save_config",
     "to_dict",
-    "flatten",
 ]
+
+MAX_FILE_BYTES = 1 << 20  # a config file (or one override) larger than this is refused before it is parsed
+MAX_DEPTH = 32  # YAML collections nested deeper than this are refused before anything is constructed
+MAX_COUNT = 10**7  # episodes, images: counts far beyond any dataset
+MAX_STEPS = 10**9  # optimizer steps and step intervals
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (accelerate's set_seed) takes seeds below 2**32
+PATH_CHARS = 4096  # PATH_MAX
+NAME_CHARS = 255  # one file name
 
 
 class ConfigError(ValueError):
     """A configuration problem; its message is one line naming the key and the file."""
 
 
+# --------------------------------------------------------------------------- field types
+
+
+def _yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string: a string that Python reads as a float is that float."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _rule(test: Callable[[Any], bool], text: str) -> AfterValidator:
+    """A rule on one field that a range cannot express; `text` completes "must ...", e.g. "be a plain name"."""
+
+    def check(value: Any) -> Any:
+        if not test(value):
+            raise PydanticCustomError("jc2a_rule", "{rule}", {"rule": text})
+        return value
+
+    return AfterValidator(check)
+
+
+# The model config below is strict: bool only True/False, int no float or bool, str only str. A float field takes
+# ints and numeric strings; a list field takes a list (or a tuple) of its item type.
+Float = Annotated[float, BeforeValidator(_yaml_number)]
+Probability = Annotated[Float, Field(ge=0, le=1)]
+
+
+def _list(item: Any, *rules: Any) -> Any:
+    return Annotated[list[item], BeforeValidator(_as_list), *rules]
+
+
+def _interval(low_high: list[float]) -> bool:
+    return len(low_high) == 2 and low_high[0] <= low_high[1]
+
+
+PlainName = Annotated[
+    str, _rule(lambda v: re.fullmatch(r"[A-Za-z0-9_]+", v) is not None, "be a plain name of letters, digits and '_'")
+]
+ImageSize = Annotated[int, _rule(lambda v: (v - 1) % 8 == 0, "satisfy (size - 1) % 8 == 0 (473, 641, 129...)")]
+Scale = _list(Annotated[Float, Field(gt=0, le=10)], _rule(_interval, "be [low, high] with 0 < low <= high"))
+Degrees = _list(Annotated[Float, Field(ge=-360, le=360)], _rule(_interval, "be [low, high] degrees with low <= high"))
+Seeds = _list(Annotated[int, Field(ge=0, le=MAX_SEED)])
+Bins = _list(Annotated[int, Field(ge=1, le=60)])  # for a 473 input (layer4 60x60): a bin is at most the map
+TopK = _list(Annotated[int, Field(ge=1, le=60 * 60)])  # at most the blocks of a 60x60 bin
+Blocks = _list(Annotated[int, Field(ge=1, le=60)])  # at most the bin
+PER_BIN = dict(min_length=1, max_length=8)
+
+
+class _Section(BaseModel):
+    """A section of the configuration: unknown keys refused, every assignment validated (one-line ConfigError)."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, validate_default=True, strict=True, allow_inf_nan=False
+    )
+
+    def __init__(self, /, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise _translate(exc, type(self), lambda key: "arguments") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _assign(self, name, value, "assignment")
+
+
+def _assign(obj: _Section, name: str, value: Any, source: str) -> None:
+    """`obj.name = value`, validated; a ConfigError naming `source` and the dotted key if the value is refused."""
+    fields = type(obj).model_fields
+    if name not in fields and not name.startswith("_"):
+        raise ConfigError(f"{source}: unknown key '{_dotted(type(obj), name)}'{_suggest(name, fields)}")
+    try:
+        BaseModel.__setattr__(obj, name, value)
+    except ValidationError as exc:
+        raise _translate(exc, type(obj), lambda key: source) from None
+
+
 # --------------------------------------------------------------------------- schema
 
 
-@dataclass
-class AugmentConfig:
+class AugmentConfig(_Section):
     """PFENet's training augmentation (SPEC §1 Transforms)."""
 
-    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])  # RandScale range
-    rotate: list[float] = field(default_factory=lambda: [-10.0, 10.0])  # RandRotate degrees
-    rotate_p: float = 0.5  # probability of a rotation
-    blur_p: float = 0.5  # Gaussian blur 5x5
-    flip_p: float = 0.5  # horizontal flip
-    crop_retries: int = 30  # random crop retries to keep the target
-    crop_keep: float = 0.85  # fraction of the target's pixels a crop must keep
+    scale: Scale = Field(default_factory=lambda: [0.9, 1.1], description="RandScale range")
+    rotate: Degrees = Field(default_factory=lambda: [-10.0, 10.0], description="RandRotate degrees")
+    rotate_p: Probability = Field(0.5, description="probability of a rotation")
+    blur_p: Probability = Field(0.5, description="Gaussian blur 5x5")
+    flip_p: Probability = Field(0.5, description="horizontal flip")
+    crop_retries: int = Field(30, ge=1, le=1000, description="random crop retries to keep the target")
+    crop_keep: Probability = Field(0.85, description="fraction of the target's pixels a crop must keep")
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where episodes come from and how they are drawn (SPEC §1)."""
 
-    dataset: str = "coco20i"  # coco20i | pascal5i
-    fold: int = 0  # 0..3
-    shot: int = 1  # K supports per episode
-    shards: str = "shards/coco"  # folder or URL holding <split>-%06d.tar and <split>-index.json
-    train_split: str = "train"  # shard name prefix of the training split
-    val_split: str = "val"  # shard name prefix of the evaluation split
-    image_size: int = 473  # square crop / canvas; (size - 1) % 8 == 0
-    eval_resize: str = "resize"  # evaluation canvas: resize (PFENet's configs: also upscales) | test_resize
-    min_pixels: int = 2048  # 2*32*32, PFENet's filter on a usable (image, class) pair
-    protocol: str = "pfenet"  # episode semantics: pfenet (the paper's, default) | hsnet
-    filter_novel: bool = False  # BAM: drop training images holding any novel-class pixel
-    episodes_per_epoch: int = 0  # training episodes per epoch over all ranks; 0 = one per qualifying image
-    eval_episodes: int = 1000  # per fold (the paper; PFENet's code: 5000 PASCAL, 20000 COCO)
-    eval_seeds: list[int] = field(default_factory=lambda: [0])  # one episode list per seed
-    support_pool: int = 32  # bounded per-class pool of support candidates in the training stream
-    shuffle_buffer: int = 256  # sample shuffle buffer of the training stream
-    num_workers: int = 2  # loader worker processes
-    stream_timeout: float = 60.0  # seconds a stream may go without an episode before it stops with an error
-    stream_failures: int = 20  # consecutive unreadable shards or records before a stream stops with an error
-    remote_timeout: float = 60.0  # seconds for one remote read (http, pipe:) before it is retried
-    remote_retries: int = 3  # retries of a failed remote read, with exponential back-off
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    dataset: Literal["coco20i", "pascal5i"] = Field("coco20i", description="coco20i | pascal5i")
+    fold: int = Field(0, ge=0, le=3, description="0..3")
+    shot: int = Field(1, ge=1, le=64, description="K supports per episode")
+    shards: str = Field(
+        "shards/coco",
+        min_length=1,
+        max_length=PATH_CHARS,
+        description="folder or URL holding <split>-%06d.tar and <split>-index.json",
+    )
+    train_split: PlainName = Field(
+        "train", max_length=NAME_CHARS, description="shard name prefix of the training split"
+    )
+    val_split: PlainName = Field("val", max_length=NAME_CHARS, description="shard name prefix of the evaluation split")
+    image_size: ImageSize = Field(473, ge=9, le=4097, description="square crop / canvas; (size - 1) % 8 == 0")
+    eval_resize: Literal["resize", "test_resize"] = Field(
+        "resize", description="evaluation canvas: resize (PFENet's configs: also upscales) | test_resize"
+    )
+    min_pixels: int = Field(
+        2048, ge=1, le=4097 * 4097, description="2*32*32, PFENet's filter on a usable (image, class) pair"
+    )
+    protocol: Literal["pfenet", "hsnet"] = Field(
+        "pfenet", description="episode semantics: pfenet (the paper's, default) | hsnet"
+    )
+    filter_novel: bool = Field(False, description="BAM: drop training images holding any novel-class pixel")
+    episodes_per_epoch: int = Field(
+        0,
+        ge=0,
+        le=MAX_COUNT,
+        description="training episodes per epoch over all ranks; 0 = one per qualifying image",
+    )
+    eval_episodes: int = Field(
+        1000, ge=1, le=MAX_COUNT, description="per fold (the paper; PFENet's code: 5000 PASCAL, 20000 COCO)"
+    )
+    eval_seeds: Seeds = Field(
+        default_factory=lambda: [0], min_length=1, max_length=100, description="one episode list per seed"
+    )
+    support_pool: int = Field(
+        32, ge=1, le=4096, description="bounded per-class pool of support candidates in the training stream"
+    )
+    shuffle_buffer: int = Field(256, ge=1, le=65536, description="sample shuffle buffer of the training stream")
+    num_workers: int = Field(2, ge=0, le=256, description="loader worker processes")
+    stream_timeout: Float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="seconds a stream may go without an episode before it stops with an error",
+    )
+    stream_failures: int = Field(
+        20,
+        ge=1,
+        le=10**6,
+        description="consecutive unreadable shards or records before a stream stops with an error",
+    )
+    remote_timeout: Float = Field(
+        60.0, gt=0, le=86400, description="seconds for one remote read (http, pipe:) before it is retried"
+    )
+    remote_retries: int = Field(
+        3, ge=0, le=20, description="retries of a failed remote read, with exponential back-off"
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
-@dataclass
-class BackboneConfig:
+class BackboneConfig(_Section):
     """A timm CNN used as a four-stage, stride-8 feature extractor (SPEC §2 Backbone)."""
 
-    name: str = "resnet50.tv_in1k"  # a timm CNN with four stages and dilation; .tv_in1k: torchvision's weights
-    pretrained: bool = True  # timm's pretrained weights (hub or local file)
-    weights: Optional[str] = None  # local weights file, for machines with no hub
-    frozen: bool = True  # requires_grad_(False) and kept in eval()
-    train_bn: bool = False  # PFENet: the frozen backbone's BatchNorm in train mode (batch statistics, moving)
+    name: str = Field(
+        "resnet50.tv_in1k",
+        min_length=1,
+        max_length=NAME_CHARS,
+        description="a timm CNN with four stages and dilation; .tv_in1k: torchvision's weights",
+    )
+    pretrained: bool = Field(True, description="timm's pretrained weights (hub or local file)")
+    weights: Optional[str] = Field(
+        None, max_length=PATH_CHARS, description="local weights file, for machines with no hub"
+    )
+    frozen: bool = Field(True, description="requires_grad_(False) and kept in eval()")
+    train_bn: bool = Field(
+        False,
+        description="PFENet: the frozen backbone's BatchNorm in train mode (batch statistics, moving)",
+    )
 
 
-@dataclass
-class HPAMConfig:
+class HPAMConfig(_Section):
     """Hybrid Prototype Alignment Module (Eqs. 1-10) and its ablation switches."""
 
-    p2p: bool = True  # point-to-point alignment, Eq. 3
-    p2b: bool = True  # point-to-block alignment, Eqs. 4-9
-    pos_embed: bool = True  # learnable position embeddings of P2B, Eq. 4
-    attention: str = "linear_relu"  # linear_relu (ours) | softmax (NA) | linear_bn (NLA) | cosine
-    merge: str = "add"  # hybrid prototype, Eq. 10: add | concat | multiply
-    topk: list[int] = field(default_factory=lambda: [60, 20, 5, 3])  # k_l, finest bin to coarsest
-    block: list[int] = field(default_factory=lambda: [4, 3, 3, 2])  # block size m per bin
+    p2p: bool = Field(True, description="point-to-point alignment, Eq. 3")
+    p2b: bool = Field(True, description="point-to-block alignment, Eqs. 4-9")
+    pos_embed: bool = Field(True, description="learnable position embeddings of P2B, Eq. 4")
+    attention: Literal["linear_relu", "softmax", "linear_bn", "cosine"] = Field(
+        "linear_relu", description="linear_relu (ours) | softmax (NA) | linear_bn (NLA) | cosine"
+    )
+    merge: Literal["add", "concat", "multiply"] = Field(
+        "add", description="hybrid prototype, Eq. 10: add | concat | multiply"
+    )
+    topk: TopK = Field(default_factory=lambda: [60, 20, 5, 3], **PER_BIN, description="k_l, finest bin to coarsest")
+    block: Blocks = Field(default_factory=lambda: [4, 3, 3, 2], **PER_BIN, description="block size m per bin")
 
 
-@dataclass
-class CKMMConfig:
+class CKMMConfig(_Section):
     """Class-agnostic Knowledge Mining Module (Eqs. 11-13)."""
 
-    enabled: bool = True  # CKMM on (its class-agnostic map joins MIA, Eq. 14)
-    reduce: str = "mean"  # mean (Eq. 13) | max over the base classes
-    bank_file: Optional[str] = None  # a saved prototype bank to reuse
+    enabled: bool = Field(True, description="CKMM on (its class-agnostic map joins MIA, Eq. 14)")
+    reduce: Literal["mean", "max"] = Field("mean", description="mean (Eq. 13) | max over the base classes")
+    bank_file: Optional[str] = Field(None, max_length=PATH_CHARS, description="a saved prototype bank to reuse")
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """The JC2A network (SPEC §2)."""
 
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    feat_dim: int = 256  # C, reduced mid-level feature width
-    dropout: float = 0.5  # Dropout2d after the mid-level reductions (PFENet)
-    bins: list[int] = field(default_factory=lambda: [60, 30, 15, 8])  # pyramid bins for a 473 input
-    hpam: HPAMConfig = field(default_factory=HPAMConfig)
-    ckmm: CKMMConfig = field(default_factory=CKMMConfig)
-    pfenet_prior: bool = False  # PFENet's class-specific prior mask (peer baseline, Table 5)
-    mia: str = "concat"  # Multiple Information Aggregation, Eq. 14: concat | add | multiply
-    aux_weight: float = 1.0  # weight of the per-bin auxiliary CE
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    feat_dim: int = Field(256, ge=1, le=4096, description="C, reduced mid-level feature width")
+    dropout: Probability = Field(0.5, description="Dropout2d after the mid-level reductions (PFENet)")
+    bins: Bins = Field(default_factory=lambda: [60, 30, 15, 8], **PER_BIN, description="pyramid bins for a 473 input")
+    hpam: HPAMConfig = Field(default_factory=HPAMConfig)
+    ckmm: CKMMConfig = Field(default_factory=CKMMConfig)
+    pfenet_prior: bool = Field(False, description="PFENet's class-specific prior mask (peer baseline, Table 5)")
+    mia: Literal["concat", "add", "multiply"] = Field(
+        "concat", description="Multiple Information Aggregation, Eq. 14: concat | add | multiply"
+    )
+    aux_weight: Float = Field(1.0, ge=0, le=100, description="weight of the per-bin auxiliary CE")
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """Optimisation and run bookkeeping (SPEC §3)."""
 
-    seed: int = 321  # initial weights and every episode stream
-    output_dir: str = "runs/default"  # the run folder: config, bank, checkpoints, model, metrics
-    epochs: int = 50  # PFENet: 50 (COCO), 200 (PASCAL)
-    batch_size: int = 4  # per process
-    lr: float = 0.025  # per global batch of lr_batch: PFENet's effective lr (0.0025 configured x scale_lr 10)
-    lr_batch: int = 4  # the global batch `lr` is written for (PFENet and the paper: 4 on one GPU)
-    scale_lr: bool = True  # lr x global batch / lr_batch, global batch = processes x batch_size x grad_accum
-    momentum: float = 0.9  # SGD
-    weight_decay: float = 1e-4  # SGD
-    power: float = 0.9  # poly schedule
-    mixed_precision: str = "fp16"  # no | fp16 | bf16 (accelerate)
-    cpu_fp16: bool = False  # fp16 on a CPU too (torch autocast + GradScaler; slow): tests fp16 numerics without a GPU
-    max_steps: int = 0  # optimizer steps in all; 0 = epochs x batches per epoch. Fixes the poly schedule
-    grad_accum: int = 1  # micro-batches per optimizer step (accelerate's gradient accumulation)
-    clip_grad: float = 0.0  # max gradient norm; 0 = no clipping
-    save_every: int = 500  # steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 2  # most recent checkpoints kept under output_dir/checkpoints
-    val_every: int = 500  # steps between validations; 0 = only at the end
-    val_episodes: int = 200  # validation: this prefix of the evaluation episode list (novel classes)
-    val_full_every: int = 0  # steps between validations on the whole list (data.eval_episodes); picks best/; 0 = off
-    log_every: int = 10  # steps between logged metrics
-    tracking: str = "mlflow"  # mlflow | none
-    experiment: str = ""  # MLflow experiment; "" = the dataset name
-    deterministic: bool = False  # torch.use_deterministic_algorithms: bit-identical resumes on CPU
-    trace_ranks: bool = False  # each rank writes its query keys and a parameter digest per step to <run>/trace/
+    seed: int = Field(321, ge=0, le=MAX_SEED, description="initial weights and every episode stream")
+    output_dir: str = Field(
+        "runs/default",
+        max_length=PATH_CHARS,
+        description="the run folder: config, bank, checkpoints, model, metrics",
+    )
+    epochs: int = Field(50, ge=1, le=100_000, description="PFENet: 50 (COCO), 200 (PASCAL)")
+    batch_size: int = Field(4, ge=1, le=1024, description="per process")
+    lr: Float = Field(
+        0.025,
+        gt=0,
+        le=100,
+        description="per global batch of lr_batch: PFENet's effective lr (0.0025 configured x scale_lr 10)",
+    )
+    lr_batch: int = Field(
+        4,
+        ge=1,
+        le=1 << 20,
+        description="the global batch `lr` is written for (PFENet and the paper: 4 on one GPU)",
+    )
+    scale_lr: bool = Field(
+        True, description="lr x global batch / lr_batch, global batch = processes x batch_size x grad_accum"
+    )
+    momentum: Float = Field(0.9, ge=0, lt=1, description="SGD")
+    weight_decay: Float = Field(1e-4, ge=0, le=1, description="SGD")
+    power: Float = Field(0.9, gt=0, le=100, description="poly schedule")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("fp16", description="no | fp16 | bf16 (accelerate)")
+    cpu_fp16: bool = Field(
+        False,
+        description="fp16 on a CPU too (torch autocast + GradScaler; slow): tests fp16 numerics without a GPU",
+    )
+    max_steps: int = Field(
+        0,
+        ge=0,
+        le=MAX_STEPS,
+        description="optimizer steps in all; 0 = epochs x batches per epoch. Fixes the poly schedule",
+    )
+    grad_accum: int = Field(
+        1, ge=1, le=1024, description="micro-batches per optimizer step (accelerate's gradient accumulation)"
+    )
+    clip_grad: Float = Field(0.0, ge=0, le=1e6, description="max gradient norm; 0 = no clipping")
+    save_every: int = Field(500, ge=0, le=MAX_STEPS, description="steps between checkpoints (and one at the end)")
+    keep_checkpoints: int = Field(
+        2, ge=1, le=1000, description="most recent checkpoints kept under output_dir/checkpoints"
+    )
+    val_every: int = Field(500, ge=0, le=MAX_STEPS, description="steps between validations; 0 = only at the end")
+    val_episodes: int = Field(
+        200,
+        ge=1,
+        le=MAX_COUNT,
+        description="validation: this prefix of the evaluation episode list (novel classes)",
+    )
+    val_full_every: int = Field(
+        0,
+        ge=0,
+        le=MAX_STEPS,
+        description="steps between validations on the whole list (data.eval_episodes); picks best/; 0 = off",
+    )
+    log_every: int = Field(10, ge=1, le=MAX_STEPS, description="steps between logged metrics")
+    tracking: Literal["mlflow", "none"] = Field("mlflow", description="mlflow | none")
+    experiment: str = Field("", max_length=NAME_CHARS, description='MLflow experiment; "" = the dataset name')
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms: bit-identical resumes on CPU")
+    trace_ranks: bool = Field(
+        False,
+        description="each rank writes its query keys and a parameter digest per step to <run>/trace/",
+    )
 
 
-@dataclass
-class Config:
+class Config(_Section):
     """The whole resolved configuration of a run."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def __init__(self, /, **values: Any) -> None:
+        super().__init__(**values)
+        _check(self, {}, "arguments" if values else "defaults")
 
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- rules across fields
+
+# (key, the other keys it is checked against, test, what it must be): an error is blamed on where the key was set,
+# else where the first other key was set, else "defaults".
+_CROSS_FIELD: list[tuple[str, tuple[str, ...], Callable[[Config], bool], Callable[[Config], str]]] = [
+    (
+        "data.support_pool",
+        ("data.shot",),
+        lambda c: c.data.support_pool >= c.data.shot,
+        lambda c: f"must be >= data.shot ({c.data.shot}), got {c.data.support_pool}",
+    ),
+    *(
+        (
+            f"model.hpam.{name}",
+            ("model.bins",),
+            lambda c, name=name: len(getattr(c.model.hpam, name)) == len(c.model.bins),
+            lambda c, name=name: (
+                f"needs one value per bin ({len(c.model.bins)}, model.bins), got {getattr(c.model.hpam, name)}"
+            ),
+        )
+        for name in ("topk", "block")
+    ),
+]
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+def _check(cfg: Config, sources: dict[str, str], fallback: str = "defaults") -> None:
+    """The rules that tie options together; each option alone was validated when it was set."""
+    for key, others, test, text in _CROSS_FIELD:
+        if not test(cfg):
+            source = next((sources[k] for k in (key, *others) if k in sources), fallback)
+            raise ConfigError(f"{source}: key '{key}' {text(cfg)}")
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+# --------------------------------------------------------------------------- validation errors -> one line
+
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxdict, _SHOW.maxset = 3, 8, 8, 8, 8
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 80, 80, 60
 
 
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, source)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: key '{key}' expects a list of {_type_name(item_tp)}, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: key '{key}' expects true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: key '{key}' expects an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: key '{key}' expects a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: key '{key}' expects a string, got {value!r}")
-        return value
-    raise ConfigError(f"{source}: key '{key}' has an unsupported type {_type_name(tp)}")
+def _show(value: Any, limit: int = 160) -> str:
+    """A bounded repr: a value built from YAML aliases may be huge or nested."""
+    text = _SHOW.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _apply(obj: Any, updates: dict, source: str, sources: dict[str, str], prefix: str = "") -> None:
-    """Write a nested dict of updates into the dataclass `obj`, checking every key and type.
+def _section_type(tp: Any) -> Optional[type]:
+    return tp if isinstance(tp, type) and issubclass(tp, _Section) else None
 
-    `sources` records which file (or the command line) set each dotted key last.
-    """
-    if not isinstance(updates, dict):
-        raise ConfigError(f"{source}: key '{prefix.rstrip('.') or '<top>'}' expects a mapping, got {updates!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for name, value in updates.items():
-        key = f"{prefix}{name}"
-        if name not in names:
-            raise ConfigError(f"{source}: unknown key '{key}'{_suggest(name, names)}")
-        tp = hints[name]
-        if _is_dataclass_type(tp):
-            _apply(getattr(obj, name), value, source, sources, key + ".")
-        else:
-            setattr(obj, name, _coerce(value, tp, key, source))
-            sources[key] = source
+
+def _prefixes() -> dict[type, str]:
+    """Section class -> its dotted prefix in `Config` (each section class appears once)."""
+    out: dict[type, str] = {Config: ""}
+    todo = [Config]
+    while todo:
+        cls = todo.pop()
+        for name, info in cls.model_fields.items():
+            sub = _section_type(info.annotation)
+            if sub is not None:
+                out[sub] = f"{out[cls]}{name}."
+                todo.append(sub)
+    return out
+
+
+def _dotted(cls: type, name: str) -> str:
+    return f"{_PREFIX.get(cls, '')}{name}"
 
 
 def _suggest(name: str, names: Iterable[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(name, sorted(names), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _ranges(cfg: Config) -> dict[str, tuple[Any, Any]]:
-    """Dotted key -> (value, rule) for every numeric field; a rule is a predicate with a `__doc__` naming it."""
-
-    def rule(test: Any, text: str) -> Any:
-        test.__doc__ = text
-        return test
-
-    positive = rule(lambda v: v > 0, "> 0")
-    count = rule(lambda v: v >= 1, ">= 1")
-    non_negative = rule(lambda v: v >= 0, ">= 0")
-    probability = rule(lambda v: 0 <= v <= 1, "in [0, 1]")
-    d, a, m, t = cfg.data, cfg.data.augment, cfg.model, cfg.train
-    return {
-        "data.fold": (d.fold, rule(lambda v: 0 <= v <= 3, "0..3")),
-        "data.shot": (d.shot, count),
-        "data.image_size": (d.image_size, positive),
-        "data.min_pixels": (d.min_pixels, count),
-        "data.episodes_per_epoch": (d.episodes_per_epoch, non_negative),
-        "data.eval_episodes": (d.eval_episodes, count),
-        "data.support_pool": (d.support_pool, rule(lambda v: v >= max(1, d.shot), ">= data.shot")),
-        "data.shuffle_buffer": (d.shuffle_buffer, count),
-        "data.num_workers": (d.num_workers, non_negative),
-        "data.stream_timeout": (d.stream_timeout, positive),
-        "data.stream_failures": (d.stream_failures, count),
-        "data.remote_timeout": (d.remote_timeout, positive),
-        "data.remote_retries": (d.remote_retries, non_negative),
-        "data.augment.rotate_p": (a.rotate_p, probability),
-        "data.augment.blur_p": (a.blur_p, probability),
-        "data.augment.flip_p": (a.flip_p, probability),
-        "data.augment.crop_retries": (a.crop_retries, count),
-        "data.augment.crop_keep": (a.crop_keep, probability),
-        "model.feat_dim": (m.feat_dim, count),
-        "model.dropout": (m.dropout, probability),
-        "model.aux_weight": (m.aux_weight, non_negative),
-        "train.seed": (t.seed, non_negative),
-        "train.epochs": (t.epochs, count),
-        "train.batch_size": (t.batch_size, count),
-        "train.lr": (t.lr, positive),
-        "train.lr_batch": (t.lr_batch, count),
-        "train.momentum": (t.momentum, rule(lambda v: 0 <= v < 1, "in [0, 1)")),
-        "train.weight_decay": (t.weight_decay, non_negative),
-        "train.power": (t.power, positive),
-        "train.max_steps": (t.max_steps, non_negative),
-        "train.grad_accum": (t.grad_accum, count),
-        "train.clip_grad": (t.clip_grad, non_negative),
-        "train.save_every": (t.save_every, non_negative),
-        "train.keep_checkpoints": (t.keep_checkpoints, count),
-        "train.val_every": (t.val_every, non_negative),
-        "train.val_episodes": (t.val_episodes, count),
-        "train.val_full_every": (t.val_full_every, non_negative),
-        "train.log_every": (t.log_every, count),
-    }
+def _strip(tp: Any) -> tuple[Any, list[Any]]:
+    """(the type under `Annotated`, its metadata with any FieldInfo flattened into its constraints)."""
+    meta: list[Any] = []
+    while typing.get_origin(tp) is Annotated:
+        tp, *extra = typing.get_args(tp)
+        for m in extra:
+            meta.extend(m.metadata if isinstance(m, FieldInfo) else [m])
+    return tp, meta
 
 
-def _check(cfg: Config, sources: dict[str, str]) -> None:
-    """Cross-field rules that a type alone cannot express; errors name where the offending key was set."""
+def _kind(tp: Any) -> str:
+    """The type as the reference shows it: `int`, `list[float]`, a choice as `str`, Optional[str] as `str`."""
+    tp, _ = _strip(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return type(args[0]).__name__
+    if origin in (Union, types.UnionType):
+        return _kind(next(a for a in args if a is not type(None)))
+    if origin is list:
+        return f"list[{_kind(args[0])}]"
+    return getattr(tp, "__name__", str(tp))
 
-    def source(*keys: str) -> str:
-        return next((sources[k] for k in keys if k in sources), "defaults")
 
-    def fail(key: str, text: str, *also: str) -> None:
-        raise ConfigError(f"{source(key, *also)}: key '{key}' {text}")
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() and abs(value) < 1e15 else str(value)
 
-    choices = {
-        "data.dataset": (cfg.data.dataset, {"coco20i", "pascal5i"}),
-        "model.hpam.attention": (cfg.model.hpam.attention, {"linear_relu", "softmax", "linear_bn", "cosine"}),
-        "model.hpam.merge": (cfg.model.hpam.merge, {"add", "concat", "multiply"}),
-        "model.ckmm.reduce": (cfg.model.ckmm.reduce, {"mean", "max"}),
-        "model.mia": (cfg.model.mia, {"concat", "add", "multiply"}),
-        "train.mixed_precision": (cfg.train.mixed_precision, {"no", "fp16", "bf16"}),
-        "data.protocol": (cfg.data.protocol, {"pfenet", "hsnet"}),
-        "data.eval_resize": (cfg.data.eval_resize, {"resize", "test_resize"}),
-        "train.tracking": (cfg.train.tracking, {"mlflow", "none"}),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            fail(key, f"must be one of {sorted(allowed)}, got {value!r}")
-    for key, (value, rule) in _ranges(cfg).items():
-        if isinstance(value, float) and not math.isfinite(value) or not rule(value):
-            fail(key, f"must be {rule.__doc__}, got {value!r}", *(("data.shot",) if key == "data.support_pool" else ()))
-    if (cfg.data.image_size - 1) % 8 != 0:
-        fail("data.image_size", f"must satisfy (size - 1) % 8 == 0 (473, 641, 129...), got {cfg.data.image_size}")
-    for key in ("data.train_split", "data.val_split"):
-        value = getattr(cfg.data, key.split(".")[1])
-        if not re.fullmatch(r"[A-Za-z0-9_]+", value):
-            fail(key, f"must be a plain name of letters, digits and '_', got {value!r}")
-    if not cfg.data.shards:
-        fail("data.shards", "must name a folder, URL or pattern, got ''")
-    if not cfg.data.eval_seeds:
-        fail("data.eval_seeds", "must list at least one seed")
-    if any(seed < 0 for seed in cfg.data.eval_seeds):
-        fail("data.eval_seeds", f"must hold seeds >= 0, got {cfg.data.eval_seeds}")
-    scale, rotate = cfg.data.augment.scale, cfg.data.augment.rotate
-    if len(scale) != 2 or not all(math.isfinite(v) and v > 0 for v in scale) or scale[0] > scale[1]:
-        fail("data.augment.scale", f"must be [low, high] with 0 < low <= high, got {scale}")
-    if len(rotate) != 2 or not all(math.isfinite(v) for v in rotate) or rotate[0] > rotate[1]:
-        fail("data.augment.rotate", f"must be [low, high] degrees with low <= high, got {rotate}")
-    bins = cfg.model.bins
-    if not bins or not all(b > 0 for b in bins):
-        fail("model.bins", f"must list positive bin sizes, got {bins}")
-    for key in ("topk", "block"):
-        values = getattr(cfg.model.hpam, key)
-        if len(values) != len(bins):
-            fail(
-                f"model.hpam.{key}",
-                f"needs one value per bin ({len(bins)}, model.bins), got {values}",
-                "model.bins",
-            )
-        if not all(v > 0 for v in values):
-            fail(f"model.hpam.{key}", f"must hold positive values, got {values}")
-    if not cfg.model.backbone.name:
-        fail("model.backbone.name", "must name a timm model, got ''")
+
+def _range(meta: Iterable[Any]) -> str:
+    """`in [0, 1]`, `in (0, 60]`, `>= 1` from a field's (or a list item's) bounds."""
+    low = high = None
+    for m in meta:
+        if isinstance(m, annotated_types.Ge):
+            low = ("[", m.ge)
+        elif isinstance(m, annotated_types.Gt):
+            low = ("(", m.gt)
+        elif isinstance(m, annotated_types.Le):
+            high = ("]", m.le)
+        elif isinstance(m, annotated_types.Lt):
+            high = (")", m.lt)
+    if low and high:
+        return f"in {low[0]}{_number(low[1])}, {_number(high[1])}{high[0]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {_number(low[1])}"
+    if high:
+        return f"{'<=' if high[0] == ']' else '<'} {_number(high[1])}"
+    return "a finite number"
+
+
+def _lengths(meta: Iterable[Any]) -> tuple[Any, Any]:
+    low = next((m.min_length for m in meta if isinstance(m, annotated_types.MinLen)), 0)
+    high = next((m.max_length for m in meta if isinstance(m, annotated_types.MaxLen)), None)
+    return low, high
+
+
+_EXPECTS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true/false",
+    "string": "a string",
+}
+
+
+def _translate(exc: ValidationError, cls: type, source_of: Callable[[str], str]) -> ConfigError:
+    """pydantic's (multi-line) ValidationError as one line: `<source>: key '<dotted key>' <what is wrong>`."""
+    err = exc.errors(include_url=False)[0]
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    parts: list[str] = []
+    info: Optional[FieldInfo] = None
+    index: Optional[int] = None
+    owner: Optional[type] = None  # the section holding the last key part
+    section: Optional[type] = cls
+    for part in err["loc"]:
+        if isinstance(part, int):
+            if info is not None and index is None:
+                index = part
+        elif section is not None:
+            parts.append(part)
+            owner, info = section, section.model_fields.get(part)
+            section = _section_type(info.annotation) if info is not None else None
+            if info is None:
+                break
+    key = _PREFIX.get(cls, "") + ".".join(parts)
+    if not parts or owner is None:  # not expected: an error of a whole section
+        return ConfigError(
+            f"{source_of(key)}: {_PREFIX.get(cls, '').rstrip('.') or 'config'} {' '.join(err['msg'].split())}"
+        )
+    if kind == "extra_forbidden" or info is None:
+        return ConfigError(f"{source_of(key)}: unknown key '{_clip(key)}'{_suggest(parts[-1], owner.model_fields)}")
+    where = f"{source_of(key)}: key '{key}'"
+    meta: list[Any] = list(info.metadata)
+    item = ""
+    if index is not None:  # an item of a list field
+        _, meta = _strip(typing.get_args(_strip(info.annotation)[0])[0])
+        item = f" item {index}"
+    family = kind.split("_")[0]
+    if kind in ("list_type", "model_type", "model_attributes_type", "dict_type"):
+        if section is not None or kind != "list_type":
+            text = f"expects a mapping, got {_show(value)}"
+        else:
+            text = f"expects a list of {_kind(info.annotation).removeprefix('list[')[:-1]}, got {_show(value)}"
+    elif family in _EXPECTS and kind.endswith(("_type", "_parsing", "_from_float")):
+        text = f"expects {_EXPECTS[family]}, got {_show(value)}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"):
+        text = f"must be {_range(meta)}, got {_show(value)}"
+    elif kind == "literal_error":
+        allowed = sorted(typing.get_args(_strip(info.annotation)[0]))
+        text = f"must be one of {allowed}, got {_show(value)}"
+    elif kind in ("too_short", "too_long"):
+        low, high = _lengths(meta)
+        text = f"must list {low} to {high} values, got {_show(value)}"
+    elif kind in ("string_too_short", "string_too_long"):
+        low, high = _lengths(meta)
+        text = f"must be {low} to {high} characters long, got {_show(value)}"
+    elif kind == "jc2a_rule":
+        text = f"must {ctx['rule']}, got {_show(value)}"
+    else:  # not expected: pydantic's own one-line message
+        text = f"is refused ({' '.join(str(err['msg']).split())}), got {_show(value)}"
+    return ConfigError(f"{where}{item} {text}")
 
 
 # --------------------------------------------------------------------------- loading
 
 
+class _TooDeep(yaml.YAMLError):
+    def __init__(self, mark: Any) -> None:
+        super().__init__(f"nested deeper than {MAX_DEPTH} levels")
+        self.problem_mark = mark
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader (plain data only, no Python objects) that also refuses duplicate and non-string keys."""
+    """PyYAML's safe loader (plain data only, no Python objects) that also refuses duplicate and non-string keys,
+    and collections nested deeper than MAX_DEPTH (as it composes: no deep recursion)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        nested = self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent)
+        if nested:
+            self._depth += 1
+            if self._depth > MAX_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            if nested:
+                self._depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[str, int] = {}
@@ -387,15 +607,70 @@ _StrictLoader.add_implicit_resolver(
 )
 
 
+def _check_depth(root: yaml.Node) -> None:
+    """Refuse a node graph deeper than MAX_DEPTH collections, aliases followed (an alias of an alias of ... nests
+    without being nested in the text), or one that holds itself; iterative, each node visited once."""
+    depth: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair if isinstance(n, yaml.CollectionNode)]
+        return [n for n in node.value if isinstance(n, yaml.CollectionNode)]
+
+    while stack:
+        node, done = stack.pop()
+        if not isinstance(node, yaml.CollectionNode) or (not done and id(node) in depth):
+            continue
+        if done:
+            open_.discard(id(node))
+            depth[id(node)] = 1 + max((depth[id(c)] for c in children(node)), default=0)
+            if depth[id(node)] > MAX_DEPTH:
+                raise _TooDeep(node.start_mark)
+            continue
+        if id(node) in open_:  # reached again from inside itself
+            raise _TooDeep(node.start_mark)
+        open_.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in children(node))
+
+
+class _Refused(ConfigError):
+    """Text refused for its size or nesting before it is parsed or constructed; `reason` is the message without
+    the source (an override names its key instead)."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason
+
+
 def _load_yaml(text: str, where: str) -> Any:
     """Plain data from YAML text; ConfigError naming `where` and the line on a syntax error, a duplicate or
-    non-string key, or a tag that asks for a Python object."""
+    non-string key, a tag that asks for a Python object, more than MAX_FILE_BYTES or nesting deeper than
+    MAX_DEPTH."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_FILE_BYTES:
+        raise _Refused(where, f"is {size} bytes, more than a config file may be (1 MiB)")
+    loader = _StrictLoader(text)  # a SafeLoader subclass: plain data only
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: plain data only
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_depth(node)
+        return loader.construct_document(node)
+    except _TooDeep as exc:
+        reason = (
+            f"is nested deeper than {MAX_DEPTH} levels (line {exc.problem_mark.line + 1}), more than a config may be"
+        )
+        raise _Refused(where, reason) from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         at = f" line {line + 1}:" if line is not None else ""
-        raise ConfigError(f"{where}:{at} is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"{where}:{at} is not valid YAML ({problem})") from None
+    finally:
+        loader.dispose()
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
@@ -407,7 +682,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]
     if path.resolve() in seen:
         raise ConfigError(f"{path}: '_base_' cycle through {' -> '.join(map(str, seen))}")
     try:
-        text = path.read_bytes().decode("utf-8")
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(MAX_FILE_BYTES + 1) if size <= MAX_FILE_BYTES else b""
+        if size > MAX_FILE_BYTES or len(raw) > MAX_FILE_BYTES:
+            raise _Refused(str(path), f"is {max(size, len(raw))} bytes, more than a config file may be (1 MiB)")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
@@ -419,7 +699,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) and b.strip() for b in bases):
-        raise ConfigError(f"{path}: key '_base_' must be a path or a list of paths, got {bases!r}")
+        raise ConfigError(f"{path}: key '_base_' must be a path or a list of paths, got {_show(bases)}")
     layers: list[tuple[dict, str]] = []
     for base in bases:
         layers += _read_yaml(path.parent / base, seen + (path.resolve(),))
@@ -429,17 +709,23 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]
 
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise ConfigError(f"command line: override '{text}' is not of the form key=value")
+        raise ConfigError(f"command line: override '{_clip(text)}' is not of the form key=value")
     key, raw = text.split("=", 1)
     if not key.strip():
-        raise ConfigError(f"command line: override '{text}' has no key")
+        raise ConfigError(f"command line: override '{_clip(text)}' has no key")
     try:
         value = _load_yaml(raw, "command line") if raw != "" else ""
+    except _Refused as exc:
+        raise ConfigError(f"command line: key '{_clip(key.strip())}' {exc.reason}") from None
     except ConfigError:
         if re.search(r"^\s*[\[{!]", raw):  # meant as structured YAML: say why it is not
-            raise ConfigError(f"command line: override '{text}': the value is not valid YAML") from None
+            raise ConfigError(f"command line: override '{_clip(text)}': the value is not valid YAML") from None
         value = raw
     return key.strip(), value
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _nest(key: str, value: Any) -> dict:
@@ -449,6 +735,25 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+def _apply(obj: _Section, updates: Any, source: str, sources: dict[str, str], prefix: str = "") -> None:
+    """Write a nested dict of updates into the section `obj`, each value validated by its field as it is set.
+
+    `sources` records which file (or the command line) set each dotted key last.
+    """
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{source}: key '{prefix.rstrip('.') or '<top>'}' expects a mapping, got {_show(updates)}")
+    fields = type(obj).model_fields
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"{source}: unknown key '{_clip(key)}'{_suggest(name, fields)}")
+        if _section_type(fields[name].annotation) is not None:
+            _apply(getattr(obj, name), value, source, sources, key + ".")
+        else:
+            _assign(obj, name, value, source)
+            sources[key] = source
+
+
 def load_config(
     path: Union[str, os.PathLike, None, Iterable[Union[str, os.PathLike]]] = None,
     overrides: Iterable[str] = (),
@@ -456,9 +761,13 @@ def load_config(
     """Resolve a configuration.
 
     Args:
-        path: a YAML file, several applied in order, or None for the defaults (= `configs/base.yaml`).
+        path: a YAML file, several applied in order, or None for the defaults (= `configs/base.yaml`). A path
+            that names no file is looked up among the shipped presets (`coco20i.yaml`, `fold/0.yaml`,
+            `configs/shot/5.yaml`: `jc2a.presets.resolve`).
         overrides: dotted `key=value` strings applied last, e.g. `("data.fold=1", "model.bins=[8,4]")`.
     """
+    from jc2a.presets import resolve
+
     cfg = Config()
     if path is None:
         paths: list = []
@@ -468,7 +777,7 @@ def load_config(
         paths = list(path)
     sources: dict[str, str] = {}
     for p in paths:
-        for layer, source in _read_yaml(Path(p)):
+        for layer, source in _read_yaml(resolve(p)):
             _apply(cfg, layer, source, sources)
     for text in overrides:
         key, value = _parse_override(text)
@@ -479,13 +788,13 @@ def load_config(
 
 def to_dict(cfg: Any) -> dict:
     """A plain nested dict of a config (or of one of its sections)."""
-    return dataclasses.asdict(cfg)
+    return cfg.model_dump()
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """`{"data.fold": 0, ...}`: the flat form that experiment trackers take as params."""
     out: dict[str, Any] = {}
-    for key, value in (to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+    for key, value in (to_dict(cfg) if isinstance(cfg, BaseModel) else cfg).items():
         if isinstance(value, dict):
             out.update(flatten(value, f"{prefix}{key}."))
         else:
@@ -507,34 +816,23 @@ def save_config(cfg: Config, path: Union[str, os.PathLike]) -> Path:
 
 
 def reference_markdown() -> str:
-    """Every key of the configuration with its type, default and the comment beside its field in this module,
-    as a markdown table: the README's config reference is this text (a test keeps the two equal)."""
-    import inspect
-    import re
-
-    def comments(cls: type) -> dict[str, str]:
-        found = {}
-        for line in inspect.getsource(cls).splitlines():
-            match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
-            if match:
-                found[match.group(1)] = match.group(2).strip()
-        return found
-
+    """Every key of the configuration with its type, default and meaning (its field's description), as a markdown
+    table: the README's config reference is this text (a test keeps the two equal)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
-    def walk(cls: type, obj: Any, prefix: str) -> None:
-        hints, notes = typing.get_type_hints(cls), comments(cls)
-        for f in dataclasses.fields(cls):
-            value, tp = getattr(obj, f.name), hints[f.name]
-            if _is_dataclass_type(tp):
-                walk(tp, value, f"{prefix}{f.name}.")
+    def walk(obj: _Section, prefix: str) -> None:
+        for name, info in type(obj).model_fields.items():
+            value = getattr(obj, name)
+            if _section_type(info.annotation) is not None:
+                walk(value, f"{prefix}{name}.")
                 continue
             shown = "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip()
             shown = shown.removesuffix("...").strip()
-            kind = re.sub(r"typing\.|Optional\[(.*)\]|Union\[(\w+), NoneType\]", r"\1\2", str(tp))
-            kind = re.sub(r"<class '(\w+)'>", r"\1", kind)
-            note = notes.get(f.name, "").replace("|", "\\|")
-            rows.append(f"| `{prefix}{f.name}` | {kind} | `{shown}` | {note} |")
+            note = (info.description or "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | {_kind(info.annotation)} | `{shown}` | {note} |")
 
-    walk(Config, Config(), "")
+    walk(Config(), "")
     return "\n".join(rows) + "\n"
+
+
+_PREFIX = _prefixes()
