@@ -245,3 +245,25 @@ def test_every_segmentation_form_decodes_as_pycocotools(toy_coco, tmp_path):
         np.testing.assert_array_equal(label, _oracle(data, image_id, tmp_path / "o.json"))
         assert not problems
     assert (labels[image["id"]][0] == 80).sum() > 0 and (labels[crowd["image_id"]][0] == 255).sum() > 0
+
+
+def test_compressed_rle_is_checked_before_pycocotools_decodes_it():
+    """No Python copy of pycocotools' RLE decoder: its characters are checked (the C parser trusts them), then
+    pycocotools' own decoder says whether the runs cover the image exactly, on its canvas and one pixel short."""
+    from jc2a.data.coco import decode_mask, segmentation_problem
+
+    mask = np.zeros((7, 9), np.uint8, order="F")
+    mask[2:5, 3:8] = 1
+    counts = mask_utils.encode(mask)["counts"].decode()
+    assert segmentation_problem({"size": [7, 9], "counts": counts}, 7, 9) is None
+    np.testing.assert_array_equal(decode_mask({"size": [7, 9], "counts": counts}, 7, 9), mask.astype(bool))
+    cases = {
+        counts + "1": "covers more than the image's 63 pixels",  # one run too many
+        "i" + counts[1:]: "covers more than the image's 63 pixels",  # a first run too long
+        counts[:-1]: "covers fewer than the image's 63 pixels",  # the last run missing: pixels left unset
+        counts[:-1] + "P": "malformed compressed RLE (empty or truncated)",  # a run that never ends
+        "": "malformed compressed RLE (empty or truncated)",
+        counts[:3] + "\x7f" + counts[4:]: "malformed compressed RLE (character '\\x7f')",
+    }
+    for bad, words in cases.items():
+        assert words in segmentation_problem({"size": [7, 9], "counts": bad}, 7, 9), bad

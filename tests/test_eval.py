@@ -116,7 +116,7 @@ def test_numbers_equal_the_training_validation(trained, one_process, coco_shards
 
     model, cfg = load_trained_model(trained)
     accelerator = make_accelerator(cfg)
-    result = validate(accelerator, model, cfg, open_shards(cfg, "val"), episodes=8, seed=0)
+    result = validate(accelerator, model, cfg, open_shards(cfg.data, "val"), episodes=8, seed=0)
     row = json.loads((one_process / "results.json").read_text())["rows"][0]
     assert (row["miou"], row["fbiou"]) == (result["miou"], result["fbiou"])
 

@@ -332,3 +332,77 @@ def test_cache_bound_must_be_a_number(coco_shards, flaky_server, tmp_path, monke
     monkeypatch.setenv("JC2A_CACHE_MAX_GB", "lots")
     with pytest.raises(ValueError, match="JC2A_CACHE_MAX_GB='lots'"):
         ShardSet(url, "val", cache_dir=str(tmp_path / "cache")).read(0)
+
+
+# --------------------------------------------------------------------------- object stores through fsspec
+
+
+class _Store:
+    """A stand-in object store for `s3://`: an fsspec AsyncFileSystem over a local folder (the bucket is the first
+    path part), whose answers can be made to stall."""
+
+    @staticmethod
+    def make(root: Path, stall: bool = False):
+        import asyncio
+
+        from fsspec.asyn import AsyncFileSystem
+
+        class Store(AsyncFileSystem):
+            protocol = ("s3",)
+            cachable = False
+
+            async def _cat_file(self, path, start=None, end=None, **kwargs):
+                if stall:
+                    await asyncio.sleep(30)
+                file = root / path.split("/", 1)[1]
+                if not file.is_file():
+                    raise FileNotFoundError(path)
+                return file.read_bytes()
+
+            async def _get_file(self, rpath, lpath, **kwargs):
+                Path(lpath).write_bytes(await self._cat_file(rpath))
+
+        return Store
+
+
+def _registry():
+    import importlib
+
+    return importlib.import_module("fsspec.registry")  # the module (`fsspec.registry` is also a mapping's name)
+
+
+def test_object_store_reads_through_fsspec(coco_shards, tmp_path, monkeypatch):
+    monkeypatch.setitem(_registry()._registry, "s3", _Store.make(coco_shards.parent))
+    shards = ShardSet(f"s3://bucket/{coco_shards.name}", "val", cache_dir=str(tmp_path / "cache"))
+    local = ShardSet(str(coco_shards), "val")
+    assert shards.urls[0] == f"s3://bucket/{coco_shards.name}/val-000000.tar" and len(shards) == len(local)
+    assert shards.read(7) == {**local.read(7), "__url__": shards.urls[local.records[7]["shard"]]}
+    cached = [p.name for p in (tmp_path / "cache").rglob("*.tar")]
+    assert cached == [local.index["shards"][local.records[7]["shard"]]["name"]]  # checked, then kept
+    with pytest.raises(FileNotFoundError, match=r"s3://bucket/nowhere/val-index\.json: no such file$"):
+        ShardSet("s3://bucket/nowhere", "val", retries=3)  # not retried
+
+
+def test_a_stalled_object_store_is_abandoned_at_the_timeout(coco_shards, tmp_path, monkeypatch):
+    monkeypatch.setitem(_registry()._registry, "s3", _Store.make(coco_shards.parent, stall=True))
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError) as err:
+        ShardSet(f"s3://bucket/{coco_shards.name}", "val", timeout=0.3, retries=1)
+    assert str(err.value) == (
+        f"shard index not found or unreadable: s3://bucket/{coco_shards.name}/val-index.json: "
+        "no complete answer within 0.3 s (2 tries)"
+    )
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("protocol,package", [("s3", "s3fs"), ("gs", "gcsfs")])
+def test_an_object_store_without_its_package_is_one_line(monkeypatch, protocol, package):
+    monkeypatch.delitem(_registry()._registry, protocol, raising=False)
+    monkeypatch.setitem(_registry().known_implementations, protocol, {"class": "jc2a_absent.FS", "err": "absent"})
+    start = time.monotonic()
+    with pytest.raises(locations.MissingPackage) as err:
+        ShardSet(f"{protocol}://bucket/coco", "val", retries=3)
+    assert str(err.value) == (
+        f"{protocol}://bucket/coco/val-index.json: {protocol}:// needs the {package} package (pip install {package})"
+    )
+    assert time.monotonic() - start < 1  # not retried

@@ -194,7 +194,7 @@ def broken(coco_shards, tmp_path_factory) -> tuple[Path, set[str]]:
     from jc2a.folds import base_classes
 
     cfg = load_config(TOY, overrides(coco_shards, tmp_path_factory.mktemp("probe"), None, "data.num_workers=0"))
-    loader = train_loader(cfg, rank=0, world=1)
+    loader = train_loader(cfg.data, cfg.train.seed, cfg.train.batch_size, rank=0, world=1)
     loader.set_epoch(0)
     first = next(iter(loader))  # the headers, pools and draws do not depend on the JPEG bytes
     base = {str(c) for c in base_classes("coco20i", 0)}

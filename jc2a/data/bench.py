@@ -80,15 +80,16 @@ def bench_data(
                  f"data.eval_episodes={episodes * 2 + 32}", "data.min_pixels=2048", "data.shuffle_buffer=64",
                  f"data.episodes_per_epoch={episodes * 40}", "data.support_pool=16"],
             )  # fmt: skip
-            train, val = open_shards(cfg, "train"), open_shards(cfg, "val")
+            train, val = open_shards(cfg.data, "train"), open_shards(cfg.data, "val")
             rows.append(dict(what="decode floor", setting=f"{shot}-shot: JPEG + PNG of 1 + {shot} records",
                              value=decode_floor(train, shot), unit="episodes/s", shot=shot, workers=0))  # fmt: skip
             for workers in (0, 2):
                 cfg.data.num_workers = workers
-                rate = _time_loader(train_loader(cfg, batch_size=4, shards=train, rank=0, world=1), episodes, workers)
+                loader = train_loader(cfg.data, cfg.train.seed, batch_size=4, shards=train, rank=0, world=1)
+                rate = _time_loader(loader, episodes, workers)
                 rows.append(dict(what="train episodes", setting=f"{shot}-shot, {workers} workers, S={image_size}",
                                  value=rate, unit="episodes/s", shot=shot, workers=workers))  # fmt: skip
-                rate = _time_loader(eval_loader(cfg, batch_size=4, shards=val), episodes, workers)
+                rate = _time_loader(eval_loader(cfg.data, batch_size=4, shards=val), episodes, workers)
                 rows.append(dict(what="eval episodes", setting=f"{shot}-shot, {workers} workers, S={image_size}",
                                  value=rate, unit="episodes/s", shot=shot, workers=workers))  # fmt: skip
     return rows

@@ -104,27 +104,33 @@ def read_instances(path: Path) -> dict:
 # --------------------------------------------------------------------------- one annotation
 
 
-def _rle_string_counts(counts: str) -> list[int]:
-    """The run lengths of a compressed COCO RLE string (pycocotools' `rleFrString`, checked, in Python)."""
-    runs: list[int] = []
-    p = 0
-    while p < len(counts):
-        x, k, more = 0, 0, True
-        while more:
-            if p >= len(counts):
-                raise ValueError("truncated")
-            c = ord(counts[p]) - 48
-            if not 0 <= c < 64:
-                raise ValueError(f"character {counts[p]!r}")
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p, k = p + 1, k + 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        if len(runs) > 2:
-            x += runs[-2]
-        runs.append(x)
-    return runs
+def _rle_string_problem(counts: str, height: int, width: int) -> Optional[str]:
+    """Why pycocotools should not be given this compressed RLE string, or None; pycocotools decodes it.
+
+    pycocotools' C parser trusts the characters: they must be COCO's 6-bit digits ('0'..'o') and the last must
+    end its run, or it reads past the string. Coverage is left to pycocotools' decoder, which refuses runs past
+    its canvas: the runs cover the image exactly when they decode on its canvas and not on one a pixel smaller
+    (so too many or negative runs, and too few that would leave pixels unset, are refused).
+    """
+    bad = next((c for c in counts if not "0" <= c <= "o"), None)
+    if bad is not None:
+        return f"malformed compressed RLE (character {bad!r})"
+    if not counts or (ord(counts[-1]) - 48) & 0x20:
+        return "malformed compressed RLE (empty or truncated)"
+    data, pixels = counts.encode("ascii"), height * width
+
+    def decodes(size: list[int]) -> bool:
+        try:
+            mask_utils.decode({"size": size, "counts": data})
+        except ValueError:  # pycocotools: "Invalid RLE mask representation"
+            return False
+        return True
+
+    if not decodes([height, width]):
+        return f"compressed RLE covers more than the image's {pixels} pixels"
+    if decodes([pixels - 1, 1]):
+        return f"compressed RLE covers fewer than the image's {pixels} pixels"
+    return None
 
 
 def _polygon_problem(poly: Any, height: int, width: int) -> Optional[str]:
@@ -156,18 +162,12 @@ def segmentation_problem(segmentation: Any, height: int, width: int) -> Optional
     if isinstance(counts, list):
         if not counts or not all(_is_int(v) and v >= 0 for v in counts):
             return "RLE counts are not non-negative integers"
-    elif isinstance(counts, str):
-        try:
-            counts = _rle_string_counts(counts)
-        except ValueError as exc:
-            return f"malformed compressed RLE ({exc})"
-        if any(v < 0 for v in counts):
-            return "malformed compressed RLE (negative run)"
-    else:
-        return "RLE without counts"
-    if sum(counts) != height * width:
-        return f"RLE covers {sum(counts)} pixels, the image has {height * width}"
-    return None
+        if sum(counts) != height * width:
+            return f"RLE covers {sum(counts)} pixels, the image has {height * width}"
+        return None
+    if isinstance(counts, str):
+        return _rle_string_problem(counts, height, width)
+    return "RLE without counts"
 
 
 def decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:

@@ -23,15 +23,15 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import cv2
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from jc2a.config import Config
+from jc2a.config import DataConfig
 from jc2a.data.locations import ShardSet
 from jc2a.data.records import IGNORE, RecordError, binarize, decode_record
 from jc2a.data.transforms import IMAGENET_MEAN, eval_transform, train_transform
@@ -303,11 +303,31 @@ def qualifying_images(
     ]
 
 
-class TrainEpisodes(IterableDataset):
-    """An endless stream of training episodes over the base classes, from resampled shards.
+class ResampledShards(wds.ResampledShards):
+    """webdataset's ResampledShards (`{"url"}` of shards drawn with replacement, endlessly) seeded as jc2a seeds.
 
-    resampled shards (every shard, each rank and worker its own seed) -> tar to samples -> json headers ->
-    per-class support pools -> (sample, class) items -> shuffle -> episodes -> augmentation.
+    Every worker of every rank draws from *all* shards (no split by rank or worker: no shard is over-weighted,
+    whatever the split), from `random.Random` seeded by the SeedSequence of its stream's `entropy()`, (seed, epoch,
+    rank, role), with the shards' spawn key, where webdataset would mix its own worker seed and epoch counter.
+    """
+
+    def __init__(self, urls: Sequence[str], entropy: Callable[[], list[int]]) -> None:
+        super().__init__(list(urls))
+        self.entropy = entropy
+
+    def __iter__(self) -> Iterator[dict]:
+        self.rng = _py_random(self.entropy(), _KEY_SHARDS)
+        for _ in range(self.nshards):
+            yield {"url": self.urls[self.rng.randint(0, len(self.urls) - 1)]}
+
+
+_MEMBERS = ("__key__", "__url__", "jpg", "png", "json")  # what an episode keeps of a sample
+_tar_files = wds.pipelinefilter(wds.tariterators.tar_file_expander)  # webdataset's stages: tar streams -> members
+_samples = wds.pipelinefilter(wds.tariterators.group_by_keys)  # members -> samples (`__key__`, `json`, `jpg`, ...)
+
+
+class TrainEpisodes(wds.DataPipeline):
+    """An endless stream of training episodes over the base classes: a webdataset pipeline of resampled shards.
 
     pfenet: a record is a query when some base class covers >= min_pixels in it (and, with `exclude`, no novel
     class is present); its class is drawn among the base classes present (any size) that have `shot + 1` usable
@@ -315,7 +335,7 @@ class TrainEpisodes(IterableDataset):
     records where the class is usable, from a bounded pool the same stream fills (an item whose class has fewer
     than K others in the pool yet is dropped; the shuffle buffer fills the pools before the first episode).
 
-    Reproducible: the stream of (seed, epoch, rank, worker) is fixed; each purpose (shard choice, shuffle, class
+    Reproducible: the stream of (seed, epoch, rank, role) is fixed; each purpose (shard choice, shuffle, class
     draw, pool replacement, each episode's supports and augmentation) has its own SeedSequence spawn key.
     `start` episodes of this stream can be skipped without decoding or augmenting them (exact resume).
 
@@ -382,51 +402,48 @@ class TrainEpisodes(IterableDataset):
         self.start = 0  # episodes of this stream (all workers of this rank) to skip: set by EpisodeLoader
         self.batch_size = 1
         self.skipped: Counter = Counter()  # in this process; across workers see EpisodeLoader.skipped_records
-        self._unreported = 0
-        self._failures = 0
-        self._last = ""
-        self._progress = 0.0
+        self._shard_of = {url: i for i, url in enumerate(self.urls)}
+        self._pools: dict[int, list[dict]] = {}
+        self._unreported, self._failures, self._last, self._progress = 0, 0, "", 0.0
+        super().__init__(
+            ResampledShards(self.urls, self.entropy),  # all shards with replacement, seeded (seed, epoch, rank, role)
+            self._open,  # the local file of each; a remote shard through the verified cache
+            _tar_files(handler=self._tar_error),  # tar -> members (webdataset); unreadable data skipped, counted
+            _samples(handler=self._tar_error),  # members -> samples by key (webdataset)
+            self._watch,  # bound: StreamError after data.stream_timeout s without an episode
+            self._headers,  # json headers only: usable and present classes; images wait for the episode
+            self._pool,  # per-class pools of support candidates
+            self._items,  # (sample, class) items: pfenet one class drawn per query, hsnet every usable pair
+            self._shuffle,  # webdataset's shuffle buffer
+            self._episodes,  # an episode once its class's pool holds K records other than the query
+            self._resume,  # exact resume: the episodes of this worker's (rotated) role before `start`, undecoded
+            self._decode,  # K supports drawn; query and supports decoded, binary for the class
+            self._augment,  # augmentation, one generator per episode; stacked
+            self._delivered,  # bound: consecutive failures reset; skips reported with the episode
+        )  # fmt: skip
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     # ------------------------------------------------------------------ this worker's place
 
-    def _role(self) -> tuple[int, int]:
-        """(role, workers): which worker's stream this process plays. A resumed loader rotates the roles so that
-        its first batch comes from the stream that would have given the next batch (PyTorch takes batches from
-        the workers in turn)."""
+    def place(self) -> tuple[int, int, int]:
+        """(role, workers, skip): which worker's stream this process plays, and how many of its episodes to skip.
+
+        A resumed loader rotates the roles so that its first batch comes from the stream that would have given the
+        next batch (PyTorch takes batches from the workers in turn); the role's episodes that went into the first
+        `start` episodes of this rank are skipped."""
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        start_batches = self.start // self.batch_size
-        return (worker + start_batches) % workers, workers
-
-    def _to_skip(self, role: int, workers: int) -> int:
-        """Episodes of role `role`'s stream that went into the first `start` episodes of this rank."""
         batches = self.start // self.batch_size
-        return len(range(role, batches, workers)) * self.batch_size
+        role = (worker + batches) % workers
+        return role, workers, len(range(role, batches, workers)) * self.batch_size
 
-    def entropy(self, role: int) -> list[int]:
-        return [self.seed, self.epoch, self.rank, role]
+    def entropy(self) -> list[int]:
+        """The entropy of this worker's stream: (seed, epoch, rank, role)."""
+        return [self.seed, self.epoch, self.rank, self.place()[0]]
 
-    # ------------------------------------------------------------------ the stream
-
-    def _resampled(self, rng: random.Random) -> Iterator[int]:
-        """webdataset's ResampledShards over *every* shard: no shard is over-weighted, whatever the split."""
-        while True:
-            yield rng.randrange(len(self.urls))
-
-    def _opened(self, shards: Iterator[int]) -> Iterator[dict]:
-        """`{"url", "stream"}` of each shard: the local file, or for a remote shard a copy in the cache fetched
-        with the ShardSet's timeout, bounded retries and checksum (a stalled server fails, never hangs)."""
-        for shard in shards:
-            url = self.urls[shard]
-            try:
-                stream = open(self.shards.local_path(shard), "rb")
-            except (OSError, ValueError) as exc:
-                if self._tar_error(exc if url in str(exc) else type(exc)(f"{url}: {exc}")):
-                    continue
-            yield {"url": url, "stream": stream}
+    # ------------------------------------------------------------------ bounds
 
     def _fail(self, kind: str, reason: object) -> None:
         self.skipped[kind] += 1
@@ -439,48 +456,64 @@ class TrainEpisodes(IterableDataset):
                 f"{self.where}: {self._failures} consecutive unreadable shards or records (last: {self._last})"
             )
 
-    def _check_time(self) -> None:
-        if time.monotonic() - self._progress > self.timeout:
-            raise StreamError(
-                f"{self.where}: no episode for {self.timeout:.0f} s (data.stream_timeout)"
-                + (f"; last problem: {self._last}" if self._last else "")
-            )
-
     def _tar_error(self, exn: Exception) -> bool:
         self._fail("tar", f"unreadable shard data: {exn}")
         return True
 
-    def __iter__(self) -> Iterator[dict]:
-        role, workers = self._role()
-        entropy = self.entropy(role)
-        self._unreported, self._failures, self._last, self._progress = 0, 0, "", time.monotonic()
-        skip = self._to_skip(role, workers)
-        shards = self._opened(self._resampled(_py_random(entropy, _KEY_SHARDS)))  # 1. resampled shards
-        files = wds.tariterators.tar_file_expander(shards, handler=self._tar_error)  # 2. tar -> raw samples
-        samples = wds.tariterators.group_by_keys(files, handler=self._tar_error)
-        items = self._items(samples, _rng(entropy, _KEY_CLASS), _rng(entropy, _KEY_POOL))  # 3.-5. pools, items
-        shuffle = wds.shuffle(
-            self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=_py_random(entropy, _KEY_SHUFFLE)
-        )
-        yield from self._episodes(shuffle(items), entropy, skip)  # 6. shuffle, 7. episodes
-
-    def _items(self, samples: Iterator[dict], draw: np.random.Generator, replace: np.random.Generator) -> Iterator:
-        """(sample, class) items of the qualifying records; every record with a usable class joins the pools."""
-        self._pools: dict[int, list[dict]] = {}
+    def _watch(self, samples: Iterator[dict]) -> Iterator[dict]:
         for sample in samples:
-            self._check_time()
+            if time.monotonic() - self._progress > self.timeout:
+                raise StreamError(
+                    f"{self.where}: no episode for {self.timeout:.0f} s (data.stream_timeout)"
+                    + (f"; last problem: {self._last}" if self._last else "")
+                )
+            yield sample
+
+    def _delivered(self, episodes: Iterator[dict]) -> Iterator[dict]:
+        """The last stage, so the first to run: the bounds start with the stream."""
+        self._unreported, self._failures, self._last, self._progress = 0, 0, "", time.monotonic()
+        for episode in episodes:
+            episode["skipped_records"], self._unreported = self._unreported, 0  # summed by EpisodeLoader
+            self._failures, self._last, self._progress = 0, "", time.monotonic()
+            yield episode
+            self._progress = time.monotonic()  # time spent waiting for the consumer (a slow step) does not count
+
+    # ------------------------------------------------------------------ stages
+
+    def _open(self, shards: Iterator[dict]) -> Iterator[dict]:
+        """`{"url", "stream"}` of each shard: the local file, or for a remote shard a copy in the cache fetched
+        with the ShardSet's timeout, bounded retries and checksum (a stalled server fails, never hangs)."""
+        for source in shards:
+            url = source["url"]
+            try:
+                stream = open(self.shards.local_path(self._shard_of[url]), "rb")
+            except (OSError, ValueError) as exc:
+                self._tar_error(exc if url in str(exc) else type(exc)(f"{url}: {exc}"))
+                continue
+            with stream:
+                yield {"url": url, "stream": stream}
+
+    def _headers(self, samples: Iterator[dict]) -> Iterator[tuple[dict, list[int], list[int]]]:
+        """(raw sample, usable classes, present servable classes) of the qualifying records; images are decoded
+        only when an item becomes an episode."""
+        for sample in samples:
             name = f"record {sample.get('__key__')} of {sample.get('__url__')}"
-            try:  # the json header only: images are decoded when an item becomes an episode
+            try:
                 classes = json.loads(sample["json"])["classes"]
                 usable = _usable(classes, self.fold, self.min_pixels)
                 present = _present(classes, self.servable)
             except (KeyError, ValueError, AttributeError, TypeError) as exc:
                 self._fail("record", f"{name}: bad or missing json header ({exc})")
                 continue
-            if not usable or self.exclude.intersection(classes):
-                continue
-            raw = {k: sample[k] for k in ("__key__", "__url__", "jpg", "png", "json") if k in sample}
-            for class_id in usable:  # 4. pools
+            if usable and not self.exclude.intersection(classes):
+                yield {k: sample[k] for k in _MEMBERS if k in sample}, usable, present
+
+    def _pool(self, records: Iterator[tuple]) -> Iterator[tuple]:
+        """Every qualifying record joins the pool of each class usable in it; a full pool replaces at random."""
+        self._pools = {}
+        replace = _rng(self.entropy(), _KEY_POOL)
+        for raw, usable, present in records:
+            for class_id in usable:
                 pool = self._pools.setdefault(class_id, [])
                 if any(s["__key__"] == raw["__key__"] for s in pool):
                     continue
@@ -488,55 +521,64 @@ class TrainEpisodes(IterableDataset):
                     pool.append(raw)
                 else:
                     pool[int(replace.integers(len(pool)))] = raw
-            if self.protocol == "hsnet":  # 5. items: every usable pair
-                for class_id in usable:
-                    if class_id in self.servable:
-                        yield raw, class_id
-            elif present:  # pfenet: one class drawn among the base classes present
+            yield raw, usable, present
+
+    def _items(self, records: Iterator[tuple]) -> Iterator[tuple[dict, int]]:
+        draw = _rng(self.entropy(), _KEY_CLASS)
+        for raw, usable, present in records:
+            if self.protocol == "hsnet":
+                yield from ((raw, class_id) for class_id in usable if class_id in self.servable)
+            elif present:
                 yield raw, present[int(draw.integers(len(present)))]
 
-    def _episodes(self, items: Iterator, entropy: list[int], skip: int) -> Iterator[dict]:
-        n = 0  # items that reached this stage: the episode's spawn key
-        for raw, class_id in items:
-            self._check_time()
-            n += 1
+    def _shuffle(self, items: Iterator[tuple]) -> Iterator[tuple]:
+        rng = _py_random(self.entropy(), _KEY_SHUFFLE)
+        return wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 2, rng=rng)(items)
+
+    def _episodes(self, items: Iterator[tuple]) -> Iterator[tuple]:
+        """(n, query, the pool's others, class): n counts the items that reached this stage, the episode's key."""
+        for n, (raw, class_id) in enumerate(items, start=1):
             others = [s for s in self._pools.get(class_id, []) if s["__key__"] != raw["__key__"]]
-            if len(others) < self.shot:
-                continue  # the class's pool is still filling
+            if len(others) >= self.shot:  # else the class's pool is still filling
+                yield n, raw, others, class_id
+
+    def _resume(self, episodes: Iterator[tuple]) -> Iterator[tuple]:
+        skip = self.place()[2]
+        for episode in episodes:
             if skip > 0:  # resumed: this episode went into a step before the checkpoint
                 skip -= 1
                 self._progress = time.monotonic()
                 continue
+            yield episode
+
+    def _decode(self, episodes: Iterator[tuple]) -> Iterator[dict]:
+        entropy = self.entropy()
+        for n, raw, others, class_id in episodes:
             rng = _rng(entropy, _KEY_EPISODE, n)
-            picks = rng.choice(len(others), size=self.shot, replace=False)
+            supports = [others[p] for p in rng.choice(len(others), size=self.shot, replace=False)]
             try:
-                episode = self._make(raw, [others[p] for p in picks], class_id, rng)
+                pairs = [decode_record(s)[:2] for s in (raw, *supports)]
             except RecordError as exc:
                 self._fail("record", exc)
                 continue
-            episode["skipped_records"], self._unreported = self._unreported, 0  # summed by EpisodeLoader
-            self._failures, self._last, self._progress = 0, "", time.monotonic()
-            yield episode
-            self._progress = time.monotonic()  # time spent waiting for the consumer (a slow step) does not count
+            pairs = [(image, binarize(label, class_id)) for image, label in pairs]
+            keys = [s["__key__"] for s in supports]
+            yield {"pairs": pairs, "class_id": class_id, "rng": rng, "query_key": raw["__key__"], "support_keys": keys}
 
-    def _make(self, raw: dict, supports: list[dict], class_id: int, rng: np.random.Generator) -> dict:
-        image, label, _ = decode_record(raw)
-        query = self.transform(image, binarize(label, class_id), rng)
-        pairs = []
-        for s in supports:
-            s_image, s_label, _ = decode_record(s)
-            pairs.append(self.transform(s_image, binarize(s_label, class_id), rng))
-        out = stack_episode(query, pairs, class_id)
-        out["query_key"] = raw["__key__"]
-        out["support_keys"] = [s["__key__"] for s in supports]
-        return out
+    def _augment(self, episodes: Iterator[dict]) -> Iterator[dict]:
+        for e in episodes:
+            query, *supports = (self.transform(image, label, e["rng"]) for image, label in e["pairs"])
+            out = stack_episode(query, supports, e["class_id"])
+            out["query_key"], out["support_keys"] = e["query_key"], e["support_keys"]
+            yield out
 
 
 # --------------------------------------------------------------------------- loaders
 
 
-class EpisodeLoader(DataLoader):
-    """A DataLoader over a TrainEpisodes stream: `batches` batches an epoch (webdataset's `with_epoch`), resumable.
+class EpisodeLoader(wds.WebLoader):
+    """webdataset's WebLoader (a DataLoader as the first stage of a pipeline) over a TrainEpisodes stream:
+    `batches` batches an epoch (webdataset's `with_epoch`), resumable.
 
     `set_epoch(e, start=n)` before iterating gives epoch `e` its own reproducible draw and skips its first `n`
     batches exactly as they were drawn (a resumed run continues where it stopped). `skipped_records` counts the
@@ -544,11 +586,20 @@ class EpisodeLoader(DataLoader):
     """
 
     def __init__(self, dataset: TrainEpisodes, batches: int, batch_size: int, **loader_args) -> None:
-        super().__init__(dataset, batch_size=batch_size, **loader_args)
+        super().__init__(dataset, batch_size=batch_size, **loader_args)  # batches from the workers in turn
+        self.append(self._count_skips)  # the skips of every worker, summed
         dataset.batch_size = batch_size
         self.stream, self.batches = dataset, batches
-        self.start = 0
         self.skipped_records = 0
+        self.set_epoch(0)
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.pipeline[0].pin_memory
+
+    @pin_memory.setter
+    def pin_memory(self, value: bool) -> None:
+        self.pipeline[0].pin_memory = value
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         if not 0 <= start <= self.batches:
@@ -556,18 +607,16 @@ class EpisodeLoader(DataLoader):
         self.stream.set_epoch(epoch)
         self.start = start
         self.stream.start = start * self.stream.batch_size
+        self.with_epoch(self.batches - start)
+
+    def _count_skips(self, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
+            self.skipped_records += int(batch.pop("skipped_records").sum())
+            yield batch
 
     def __iter__(self) -> Iterator[dict]:
-        remaining = self.batches - self.start
-        if remaining > 0:
-            iterator = super().__iter__()
-            try:
-                for _ in range(remaining):
-                    batch = next(iterator)
-                    self.skipped_records += int(batch.pop("skipped_records").sum())
-                    yield batch
-            finally:
-                del iterator  # shuts the workers down
+        if self.start < self.batches:  # with_epoch(0) would not end
+            yield from super().__iter__()  # the workers stop when the epoch's iterator is let go
         self.set_epoch(self.stream.epoch, 0)
 
     def __len__(self) -> int:
@@ -588,83 +637,89 @@ def _loader_threads(workers: int) -> None:
         cv2.setNumThreads(1)
 
 
+def _loader(dataset: Dataset, data: DataConfig, batch_size: int) -> DataLoader:
+    _loader_threads(data.num_workers)
+    return DataLoader(
+        dataset, batch_size=batch_size, num_workers=data.num_workers, collate_fn=collate, generator=_own_generator()
+    )
+
+
 def train_loader(
-    cfg: Config,
+    data: DataConfig,
+    seed: int,
+    batch_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     rank: Optional[int] = None,
     world: Optional[int] = None,
-    batch_size: Optional[int] = None,
     shards: Optional[ShardSet] = None,
 ) -> EpisodeLoader:
     """The training loader of a rank: a fixed number of batches per epoch.
 
     Episodes per epoch (over all ranks) are `data.episodes_per_epoch`, or the qualifying training images (pfenet;
-    usable pairs for hsnet) when 0; each rank yields ceil(episodes / (world * batch_size)) batches. `mean` is the
-    backbone's, for the padding colour. Call `loader.set_epoch(e)` before each epoch.
+    usable pairs for hsnet) when 0; each rank yields ceil(episodes / (world * batch_size)) batches. `seed` is the
+    run's (`train.seed`), `batch_size` the rank's (`train.batch_size`), `mean` the backbone's, for the padding
+    colour. Call `loader.set_epoch(e)` before each epoch.
     """
     if rank is None or world is None:
         rank, world = default_rank_world()
-    batch_size = batch_size or cfg.train.batch_size
-    shards = shards or open_shards(cfg, cfg.data.train_split)
-    base = base_classes(cfg.data.dataset, cfg.data.fold)
-    exclude = novel_classes(cfg.data.dataset, cfg.data.fold) if cfg.data.filter_novel else ()
+    shards = shards or open_shards(data, data.train_split)
+    exclude = novel_classes(data.dataset, data.fold) if data.filter_novel else ()
     dataset = TrainEpisodes(
         shards,
-        base,
-        cfg.data.shot,
-        cfg.data.min_pixels,
-        train_transform(cfg.data.augment, cfg.data.image_size, mean),
-        protocol=cfg.data.protocol,
+        base_classes(data.dataset, data.fold),
+        data.shot,
+        data.min_pixels,
+        train_transform(data.augment, data.image_size, mean),
+        protocol=data.protocol,
         exclude=exclude,
-        pool_size=cfg.data.support_pool,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        seed=cfg.train.seed,
+        pool_size=data.support_pool,
+        shuffle_buffer=data.shuffle_buffer,
+        seed=seed,
         rank=rank,
         world=world,
-        timeout=cfg.data.stream_timeout,
-        max_failures=cfg.data.stream_failures,
+        timeout=data.stream_timeout,
+        max_failures=data.stream_failures,
     )
-    episodes = cfg.data.episodes_per_epoch or epoch_episodes(cfg, shards)
-    batches = math.ceil(episodes / (world * batch_size))
-    _loader_threads(cfg.data.num_workers)
+    batches = math.ceil((data.episodes_per_epoch or epoch_episodes(data, shards)) / (world * batch_size))
+    _loader_threads(data.num_workers)
     return EpisodeLoader(
-        dataset, batches, batch_size, num_workers=cfg.data.num_workers, collate_fn=collate, generator=_own_generator()
+        dataset, batches, batch_size, num_workers=data.num_workers, collate_fn=collate, generator=_own_generator()
     )
 
 
-def epoch_episodes(cfg: Config, shards: ShardSet) -> int:
+def epoch_episodes(data: DataConfig, shards: ShardSet) -> int:
     """Training episodes in a nominal epoch: qualifying images (pfenet) or usable pairs (hsnet)."""
-    base = base_classes(cfg.data.dataset, cfg.data.fold)
-    exclude = novel_classes(cfg.data.dataset, cfg.data.fold) if cfg.data.filter_novel else ()
-    images = qualifying_images(shards, base, cfg.data.min_pixels, exclude)
-    if cfg.data.protocol == "hsnet":
+    base = base_classes(data.dataset, data.fold)
+    exclude = novel_classes(data.dataset, data.fold) if data.filter_novel else ()
+    images = qualifying_images(shards, base, data.min_pixels, exclude)
+    if data.protocol == "hsnet":
         fold = set(base)
-        count = sum(len(_usable(shards.records[i]["classes"], fold, cfg.data.min_pixels)) for i in images)
+        count = sum(len(_usable(shards.records[i]["classes"], fold, data.min_pixels)) for i in images)
     else:
         count = len(images)
     if count == 0:
         raise ValueError(
-            f"{shards.index_url}: no training image of fold {cfg.data.fold} has a base class with "
-            f">= {cfg.data.min_pixels} pixels"
+            f"{shards.index_url}: no training image of fold {data.fold} has a base class with "
+            f">= {data.min_pixels} pixels"
         )
     return count
 
 
-def eval_list(cfg: Config, shards: ShardSet, seed: int, episodes: Optional[int] = None) -> list[Episode]:
-    """The fold's evaluation episode list (novel classes) for list `seed`, as the config describes it."""
+def eval_list(data: DataConfig, shards: ShardSet, seed: int, episodes: Optional[int] = None) -> list[Episode]:
+    """The fold's evaluation episode list (novel classes) for list `seed`, as the data section describes it."""
     return eval_episode_list(
         shards,
-        novel_classes(cfg.data.dataset, cfg.data.fold),
-        cfg.data.shot,
-        cfg.data.eval_episodes if episodes is None else episodes,
+        novel_classes(data.dataset, data.fold),
+        data.shot,
+        data.eval_episodes if episodes is None else episodes,
         seed,
-        cfg.data.min_pixels,
-        cfg.data.protocol,
+        data.min_pixels,
+        data.protocol,
     )
 
 
 def eval_loader(
-    cfg: Config,
+    data: DataConfig,
     seed: int = 0,
     rank: int = 0,
     world: int = 1,
@@ -674,38 +729,24 @@ def eval_loader(
 ) -> DataLoader:
     """A rank's share of the fold's evaluation episodes for list `seed` (novel classes, SPEC §1); `episodes`
     overrides `data.eval_episodes` (validation takes a prefix of the list)."""
-    shards = shards or open_shards(cfg, cfg.data.val_split)
-    episode_list = eval_list(cfg, shards, seed, episodes)
-    dataset = EvalEpisodes(shards, episode_list, cfg.data.image_size, rank, world, cfg.data.eval_resize)
-    _loader_threads(cfg.data.num_workers)
-    return DataLoader(
-        dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate, generator=_own_generator()
-    )
+    shards = shards or open_shards(data, data.val_split)
+    episode_list = eval_list(data, shards, seed, episodes)
+    return _loader(EvalEpisodes(shards, episode_list, data.image_size, rank, world, data.eval_resize), data, batch_size)
 
 
 def bank_loader(
-    cfg: Config, rank: int = 0, world: int = 1, batch_size: int = 4, shards: Optional[ShardSet] = None
+    data: DataConfig, rank: int = 0, world: int = 1, batch_size: int = 4, shards: Optional[ShardSet] = None
 ) -> DataLoader:
     """A rank's share of the training images holding a usable base class (CKMM's bank pass)."""
-    shards = shards or open_shards(cfg, cfg.data.train_split)
-    d = cfg.data
-    classes = base_classes(d.dataset, d.fold)
-    dataset = BankImages(shards, classes, d.min_pixels, d.image_size, rank, world, d.eval_resize)
-    _loader_threads(cfg.data.num_workers)
-    return DataLoader(
-        dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, collate_fn=collate, generator=_own_generator()
-    )
+    shards = shards or open_shards(data, data.train_split)
+    classes = base_classes(data.dataset, data.fold)
+    dataset = BankImages(shards, classes, data.min_pixels, data.image_size, rank, world, data.eval_resize)
+    return _loader(dataset, data, batch_size)
 
 
-def open_shards(cfg: Config, split: str) -> ShardSet:
-    """The ShardSet of `split` at `data.shards`, checked to hold `data.dataset`, with the config's remote limits."""
-    return ShardSet(
-        cfg.data.shards,
-        split,
-        timeout=cfg.data.remote_timeout,
-        retries=cfg.data.remote_retries,
-        dataset=cfg.data.dataset,
-    )
+def open_shards(data: DataConfig, split: str) -> ShardSet:
+    """The ShardSet of `split` at `data.shards`, checked to hold `data.dataset`, with the section's remote limits."""
+    return ShardSet(data.shards, split, timeout=data.remote_timeout, retries=data.remote_retries, dataset=data.dataset)
 
 
 def label_masks(label: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:

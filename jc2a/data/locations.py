@@ -1,4 +1,4 @@
-"""Where shards live (folders, brace patterns, http(s) URLs, `pipe:` commands) and how their index is trusted.
+"""Where shards live (folders, brace patterns, http(s)/s3/gs URLs, `pipe:` commands) and how their index is trusted.
 
 A location is a folder/URL prefix whose `<split>-index.json` names the shards, an explicit shard pattern whose
 index is read from the same place, or a `pipe:` command with `{shard}` where a file name goes:
@@ -8,6 +8,7 @@ index is read from the same place, or a `pipe:` command with `{shard}` where a f
     pipe:aws s3 cp s3://b/coco/train-{000000..000031}.tar -   -> pipe:aws s3 cp s3://b/coco/train-index.json -
     pipe:aws s3 cp s3://b/coco/{shard} -            -> pipe:aws s3 cp s3://b/coco/train-index.json -, then one
                                                        command per listed shard, the name shlex-quoted
+    s3://b/coco, gs://b/coco                        -> as http(s): read through fsspec (with s3fs, gcsfs)
 
 Trust: the location (a config value) is the user's own, and so is its `pipe:` command. An index is data: every
 shard name must be `<split>-NNNNNN.tar` and every record must point into a listed shard, or the index is
@@ -26,9 +27,7 @@ import shlex
 import signal
 import subprocess
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import BinaryIO, Optional
@@ -43,6 +42,7 @@ _REMOTE = ("http://", "https://", "pipe:", "gs://", "s3://")
 SHARD_SLOT = "{shard}"  # where a file name goes in a location (a `pipe:` command above all)
 # An index stores the writer's dataset name; configs name the benchmark built from it.
 DATASETS = {"coco": "coco20i", "pascal": "pascal5i", "coco20i": "coco20i", "pascal5i": "pascal5i"}
+_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}  # fsspec's, per protocol
 BACKOFF = 0.5  # seconds before the first retry of a remote read; doubled for each further retry
 CACHE_MAX_GB = 50.0  # default bound on the cache of remote shards (`JC2A_CACHE_MAX_GB`)
 _MEMBER_SET = frozenset(MEMBERS)
@@ -95,20 +95,20 @@ def resolve(location: str, split: str) -> tuple[str, list[str]]:
 # --------------------------------------------------------------------------- remote reads
 
 
-def _command(url: str) -> tuple[object, bool]:
-    """(command, through a shell) that writes the file behind a `pipe:`, `gs://` or `s3://` URL to stdout."""
-    if url.startswith("pipe:"):
-        return url[len("pipe:") :], True  # the user's own command, as written in the config
-    if url.startswith("gs://"):
-        return ["gsutil", "cat", url], False
-    return ["aws", "s3", "cp", url, "-"], False
+class _Permanent(OSError):
+    """A failure that a retry would not change (an HTTP 404, say)."""
+
+
+class MissingPackage(RemoteError):
+    """A location whose fsspec filesystem is not installed (`s3://` without s3fs, say): names the package."""
 
 
 def _run(url: str, dst: BinaryIO, timeout: float) -> None:
-    """One try: run the command of `url` with its stdout into `dst`, killed (with its children) at `timeout`."""
-    command, shell = _command(url)
+    """One try of a `pipe:` location: the user's command, as written, in a shell, its stdout into `dst`, killed
+    (with its children) at `timeout`."""
     stdout = dst if hasattr(dst, "fileno") and not isinstance(dst, io.BytesIO) else subprocess.PIPE
-    proc = subprocess.Popen(command, shell=shell, stdout=stdout, stderr=subprocess.PIPE, start_new_session=True)
+    command = url[len("pipe:") :]
+    proc = subprocess.Popen(command, shell=True, stdout=stdout, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -122,29 +122,47 @@ def _run(url: str, dst: BinaryIO, timeout: float) -> None:
         dst.write(out)
 
 
-class _Permanent(OSError):
-    """A failure that a retry would not change (an HTTP 404, say)."""
+def _filesystem(url: str) -> tuple[object, str]:
+    """(fsspec filesystem, path) of an http(s), `s3://` or `gs://` URL; MissingPackage when fsspec cannot reach
+    its protocol here (s3fs, gcsfs or aiohttp not installed)."""
+    import fsspec
 
-
-def _http(url: str, dst: BinaryIO, timeout: float) -> None:
-    """One try: stream `url` into `dst`; every socket wait is bounded and the whole read must end by `timeout`."""
-    deadline = time.monotonic() + timeout
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            while block := response.read(2**20):
-                dst.write(block)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no complete answer within {timeout:g} s")
-    except urllib.error.HTTPError as exc:
-        error = _Permanent if exc.code < 500 and exc.code not in (408, 429) else OSError
-        raise error(f"HTTP {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        raise (reason if isinstance(reason, OSError) else OSError(str(reason))) from None
+        return fsspec.core.url_to_fs(url)
+    except ImportError:
+        protocol = url.split("://", 1)[0]
+        package = _PACKAGES.get(protocol, f"fsspec's package for {protocol}://")
+        raise MissingPackage(f"{url}: {protocol}:// needs the {package} package (pip install {package})") from None
+
+
+def _fsspec(url: str, dst: BinaryIO, timeout: float) -> None:
+    """One try through fsspec, ending by `timeout` (fsspec's deadline on its event loop: a stalled server is
+    abandoned). A file on disk (a download into the cache) is streamed into by name, anything else (an index)
+    gets the bytes."""
+    fs, path = _filesystem(url)
+    name = getattr(dst, "name", None)
+    try:
+        if isinstance(name, str) and os.path.isfile(name):
+            fs.get_file(path, name, timeout=timeout)
+        else:
+            dst.write(fs.cat_file(path, timeout=timeout))
+    except FileNotFoundError:
+        raise _Permanent("HTTP 404 Not Found" if url.startswith("http") else "no such file") from None
+    except OSError:  # fsspec's FSTimeoutError (a TimeoutError), a refused connection: `fetch` names them
+        raise
+    except Exception as exc:  # aiohttp's HTTP status errors, other libraries' own types: one line
+        status = getattr(exc, "status", None)
+        if not isinstance(status, int):
+            raise OSError(f"{type(exc).__name__}: {exc}") from None
+        error = OSError if status >= 500 or status in (408, 429) else _Permanent
+        raise error(f"HTTP {status} {getattr(exc, 'message', '')}".strip()) from None
 
 
 def fetch(url: str, dst: BinaryIO, timeout: float = 60.0, retries: int = 3, check=None) -> None:
     """Write the file behind a remote `url` into `dst`, retrying a failed try with exponential back-off.
+
+    http(s), `s3://` and `gs://` are read through fsspec (aiohttp, s3fs, gcsfs), a `pipe:` location by its
+    command in a shell.
 
     Args:
         timeout: seconds one try may take in all (a stalled server or command is abandoned).
@@ -161,13 +179,15 @@ def fetch(url: str, dst: BinaryIO, timeout: float = 60.0, retries: int = 3, chec
         dst.seek(0)
         dst.truncate()
         try:
-            (_http if url.startswith(("http://", "https://")) else _run)(url, dst, timeout)
+            (_run if url.startswith("pipe:") else _fsspec)(url, dst, timeout)
             dst.flush()
             if check is not None:
                 check(dst)
             return
+        except MissingPackage:
+            raise
         except _Permanent as exc:
-            raise RemoteError(f"{url}: {exc}") from None
+            raise RemoteError(f"{url}: {' '.join(str(exc).split())}") from None
         except TimeoutError:
             why = f"no complete answer within {timeout:g} s"
         except (OSError, ValueError) as exc:
@@ -351,6 +371,8 @@ class ShardSet:
         self.index_url, explicit = resolve(self.location, split)
         try:
             raw = _read_url(self.index_url, self.timeout, self.retries)
+        except MissingPackage:
+            raise
         except RemoteError as exc:
             raise FileNotFoundError(f"shard index not found or unreadable: {exc}") from None
         except (OSError, ValueError) as exc:

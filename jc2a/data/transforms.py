@@ -404,22 +404,22 @@ class Compose:
 # --------------------------------------------------------------------------- pipelines
 
 
-def train_transform(cfg: AugmentConfig, size: int, mean: Sequence[float] = IMAGENET_MEAN) -> Compose:
+def train_transform(augment: AugmentConfig, size: int, mean: Sequence[float] = IMAGENET_MEAN) -> Compose:
     """PFENet's training pipeline (SPEC §1 Transforms), called as `t(image, label, rng)`.
 
     RandScale -> RandRotate -> GaussianBlur 5x5 -> HFlip -> RandCrop -> ToTensor; image `[H,W,3]` uint8 and
-    label `[H,W]` (0/1/255) in, `[3,S,S]` uint8 and `[S,S]` uint8 out. Padding uses the mean pixel (`mean`, the
-    backbone's, in 0..1 units) and 255.
+    label `[H,W]` (0/1/255) in, `[3,S,S]` uint8 and `[S,S]` uint8 out. `augment` is `data.augment`, `size` the
+    crop (`data.image_size`). Padding uses the mean pixel (`mean`, the backbone's, in 0..1 units) and 255.
     """
     size = check_size(size)
     pad = mean_pixel(mean)
     return Compose(
         [
-            RandScale(cfg.scale),
-            RandRotate(cfg.rotate, p=cfg.rotate_p, padding=pad, ignore=IGNORE),
-            RandomGaussianBlur(radius=5, p=cfg.blur_p),
-            RandomHorizontalFlip(p=cfg.flip_p),
-            RandCrop(size, padding=pad, ignore=IGNORE, retries=cfg.crop_retries, keep=cfg.crop_keep),
+            RandScale(augment.scale),
+            RandRotate(augment.rotate, p=augment.rotate_p, padding=pad, ignore=IGNORE),
+            RandomGaussianBlur(radius=5, p=augment.blur_p),
+            RandomHorizontalFlip(p=augment.flip_p),
+            RandCrop(size, padding=pad, ignore=IGNORE, retries=augment.crop_retries, keep=augment.crop_keep),
             ToTensor(),
         ]
     )

@@ -43,7 +43,7 @@ def build_bank(accelerator, model, cfg: Config, shards: ShardSet, progress: bool
     if bank is None:
         raise ConfigError("model.ckmm.enabled is false: there is no prototype bank to build")
     bank.reset()
-    loader = bank_loader(cfg, accelerator.process_index, accelerator.num_processes, batch_size=4, shards=shards)
+    loader = bank_loader(cfg.data, accelerator.process_index, accelerator.num_processes, batch_size=4, shards=shards)
     total = loader.dataset.instances()
     bar = tqdm(
         loader,
@@ -127,7 +127,7 @@ def bank_main(config: Optional[list], overrides: list[str], out: Union[str, os.P
     cfg.model.ckmm.bank_file = None  # `--out` is what is written
     accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)  # as `jc2a train`: a randomly initialised backbone is the same on every rank
-    shards = open_shards(cfg, cfg.data.train_split)
+    shards = open_shards(cfg.data, cfg.data.train_split)
     model = build_network(cfg).to(accelerator.device).eval()
     fingerprint = bank_fingerprint(cfg, model, shards.checksum)
     added = build_bank(accelerator, model, cfg, shards, progress)

@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from jc2a.config import Config, load_config
+from jc2a.presets import preset
 from jc2a.runs.common import reset_accelerate_state
 
 log = logging.getLogger("jc2a.runs")
-ROOT = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+DEMO_CONFIG = preset("demo.yaml")
 # Targets of an honest demo (issue 10): the trained model against the all-foreground prediction and against itself
 # untrained, on the same novel-class episodes, 1-shot and 5-shot.
 TIMES_ALL_FOREGROUND = 2.0
@@ -82,12 +82,12 @@ def compare(cfg: Config, run_dir: Path, shots: list[int], episodes: int, progres
             accelerator,
             untrained,
             cfg,
-            open_shards(cfg, cfg.data.train_split),
+            open_shards(cfg.data, cfg.data.train_split),
             run_dir / "untrained-bank.safetensors",
             progress,
         )
     models = {"trained": trained, "untrained": untrained, "all-foreground": AllForeground()}
-    val = open_shards(cfg, cfg.data.val_split)
+    val = open_shards(cfg.data, cfg.data.val_split)
     out: dict = {}
     for name, model in models.items():
         model.to(accelerator.device).eval()

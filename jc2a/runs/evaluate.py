@@ -145,7 +145,7 @@ def evaluate_episodes(
     device = accelerator.device
     meter = FewShotIoU(novel_classes(cfg.data.dataset, cfg.data.fold))
     rank, world = accelerator.process_index, accelerator.num_processes
-    loader = eval_loader(cfg, seed, rank, world, batch_size=1, shards=shards, episodes=episodes)
+    loader = eval_loader(cfg.data, seed, rank, world, batch_size=1, shards=shards, episodes=episodes)
     items, canvas = [], eval_canvas(cfg.data.image_size, cfg.data.eval_resize)
     bar = tqdm(total=len(loader), desc=desc, unit="episode", disable=not progress, leave=False)
     for batch in loader:
@@ -291,7 +291,7 @@ def evaluate(
         if n > 0:
             model, cfg = load_for_fold(checkpoint, fold, configs, overrides, w)
         model.to(accelerator.device).eval()
-        shards = open_shards(cfg, cfg.data.val_split)
+        shards = open_shards(cfg.data, cfg.data.val_split)
         model_file = os.fspath(resolve_checkpoint(checkpoint_for(checkpoint, fold), w)[0])
         checkpoints[str(cfg.data.fold) if w == "final" else f"{cfg.data.fold}-{w}"] = model_file
         for shot in shots:

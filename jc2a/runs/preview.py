@@ -77,13 +77,13 @@ def preview(cfg: Config, episodes: int, out: Path) -> list[Path]:
 
     mean, _ = normalization(cfg.model.backbone.name)  # the padding colour of training crops
     written = []
-    train = open_shards(cfg, cfg.data.train_split)
-    loader = train_loader(cfg, mean, batch_size=1, shards=train)
+    train = open_shards(cfg.data, cfg.data.train_split)
+    loader = train_loader(cfg.data, cfg.train.seed, 1, mean, shards=train)
     for i, batch in zip(range(episodes), loader):
         ep = {k: v[0] for k, v in batch.items()}
         written.append(save_episode_figure(ep, out / f"train-{i:03d}.png", train.class_names, "train"))
-    val = open_shards(cfg, cfg.data.val_split)
-    for i, batch in zip(range(episodes), eval_loader(cfg, seed=cfg.data.eval_seeds[0], shards=val)):
+    val = open_shards(cfg.data, cfg.data.val_split)
+    for i, batch in zip(range(episodes), eval_loader(cfg.data, seed=cfg.data.eval_seeds[0], shards=val)):
         ep = {k: v[0] for k, v in batch.items()}
         written.append(save_episode_figure(ep, out / f"eval-{i:03d}.png", val.class_names, "eval"))
     return written

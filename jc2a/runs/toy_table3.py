@@ -21,8 +21,8 @@ from datetime import date
 from pathlib import Path
 
 from jc2a.paper import rows
+from jc2a.presets import preset
 
-ROOT = Path(__file__).resolve().parents[2]
 TABLE3 = {r.variant: r for r in rows(3)}  # variant key -> the paper's row (its config, its numbers)
 ROWS = tuple(TABLE3)
 MARKERS = ("<!-- toy-table3:start -->", "<!-- toy-table3:end -->")
@@ -41,7 +41,7 @@ def run_row(row: str, seed: int, shards: Path, out: Path, steps: int, episodes: 
     from jc2a.runs.train import train
 
     run_dir = _run_dir(out, row, seed)
-    configs = [ROOT / "configs/demo.yaml", ROOT / "configs" / "ablation" / f"{TABLE3[row].config}.yaml"]
+    configs = [preset("demo.yaml"), preset(f"ablation/{TABLE3[row].config}.yaml")]
     overrides = [f"data.shards={shards}", f"train.output_dir={run_dir}", f"train.seed={seed}",
                  f"train.max_steps={steps}", f"train.save_every={steps}", "train.val_every=0", "train.tracking=none",
                  "data.eval_seeds=[0]"]  # fmt: skip
@@ -54,7 +54,7 @@ def run_row(row: str, seed: int, shards: Path, out: Path, steps: int, episodes: 
     accelerator = make_accelerator(cfg)
     model, _ = load_trained_model(run_dir)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result, _ = evaluate_episodes(accelerator, model.to(accelerator.device), cfg, open_shards(cfg, "val"), 0, episodes)
+    result, _ = evaluate_episodes(accelerator, model.to(accelerator.device), cfg, open_shards(cfg.data, "val"), 0, episodes)
     close_accelerator(accelerator)
     return {"row": row, "seed": seed, "miou": result["miou"], "fbiou": result["fbiou"],
             "trainable_params": params, "seconds": time.perf_counter() - start}  # fmt: skip
@@ -108,7 +108,7 @@ def table(runs: list[dict], steps: int, episodes: int, seeds: list[int], seconds
     return "\n".join(lines) + "\n"
 
 
-def write_results(text: str, path: Path = ROOT / "docs/RESULTS.md") -> Path:
+def write_results(text: str, path: Path = Path("docs/RESULTS.md")) -> Path:
     """Put `text` between the toy-table3 markers of docs/RESULTS.md (the rest of the file is kept)."""
     doc = path.read_text()
     start, end = MARKERS

@@ -223,7 +223,7 @@ def validate(accelerator, model, cfg: Config, shards, episodes: int, seed: int) 
     model.eval()
     meter = FewShotIoU(novel_classes(cfg.data.dataset, cfg.data.fold))
     loader = eval_loader(
-        cfg, seed, accelerator.process_index, accelerator.num_processes, batch_size=1, shards=shards, episodes=episodes
+        cfg.data, seed, accelerator.process_index, accelerator.num_processes, shards=shards, episodes=episodes
     )
     for batch in loader:
         batch = to_device(batch, accelerator.device)
@@ -336,9 +336,11 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
     # 2. data: this rank's share of the training stream; the validation split
     model = build_network(cfg)
     torch.manual_seed(rank_seed(cfg.train.seed, rank))  # then dropout and P2B's ties differ across ranks
-    train_shards = open_shards(cfg, cfg.data.train_split)
-    val_shards = open_shards(cfg, cfg.data.val_split)
-    loader = train_loader(cfg, model.backbone.mean, rank=rank, world=world, shards=train_shards)
+    train_shards = open_shards(cfg.data, cfg.data.train_split)
+    val_shards = open_shards(cfg.data, cfg.data.val_split)
+    loader = train_loader(
+        cfg.data, cfg.train.seed, cfg.train.batch_size, model.backbone.mean, rank=rank, world=world, shards=train_shards
+    )
     loader.pin_memory = accelerator.device.type == "cuda"
     steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
