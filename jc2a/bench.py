@@ -300,6 +300,20 @@ def bench_eval(args: argparse.Namespace) -> Report:
     return measure(args)
 
 
+def bench_memory(args: argparse.Namespace) -> Report:
+    """Peak memory of the default training step (batch 4, 473, fp16) against an 11 GB GPU (jc2a/runs/bench_train.py)."""
+    from jc2a.runs.bench_train import bench_memory as measure
+
+    return measure(args)
+
+
+def bench_gpu(args: argparse.Namespace) -> Report:
+    """The prepared CUDA checks, each skipped without CUDA (jc2a/runs/bench_gpu.py)."""
+    from jc2a.runs.bench_gpu import bench_gpu as measure
+
+    return measure(args)
+
+
 # --------------------------------------------------------------------------- sections and command
 
 # name -> section, a function `(args) -> Report`. A section measures its variants side by side in the same
@@ -311,6 +325,8 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace], Report]] = {
     "data": bench_data,
     "train": bench_train,
     "eval": bench_eval,
+    "memory": bench_memory,
+    "gpu": bench_gpu,
 }
 
 

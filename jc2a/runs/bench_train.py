@@ -1,4 +1,5 @@
-"""`jc2a bench train`: a training step against the frozen-backbone floor, split by stage; the whole loop's rate."""
+"""`jc2a bench train`: a training step against the frozen-backbone floor, split by stage; the whole loop's rate;
+`jc2a bench memory`: the default training step's peak memory against an 11 GB GPU."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import torch
 
 STEP_TARGET = 1.2  # training step / backbone forward of the same images, at most (CPU)
 LOOP_TARGET = 0.9  # whole loop episodes/s / step-only episodes/s, at least
+# The RTX 2080 Ti's 11 GB, as decimal bytes (10.24 GiB): below what CUDA reports for the card (11554717696 bytes,
+# 11019 MiB; newer nvidia-smi prints the nominal 11264 MiB), leaving ~0.5 GB for the CUDA context and libraries.
+MEMORY_BUDGET = 11 * 10**9
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -40,6 +44,17 @@ def _batch(batch: int, size: int, shot: int, device: torch.device) -> dict:
         "support_masks": masks.to(device),
         "query_mask": qmask.to(device),
     }
+
+
+def channels_last_batch(data: dict) -> dict:
+    """`data` (a `_batch`) with its images in channels_last, the supports `[B, K, 3, H, W]` laid out so that the
+    model's `flatten(0, 1)` gives channels_last images: fp16 convolutions on a CPU without AVX512-FP16 run ~10x
+    faster so (model.to(memory_format=torch.channels_last) too)."""
+    out = dict(data)
+    out["query_img"] = data["query_img"].contiguous(memory_format=torch.channels_last)
+    s = data["support_imgs"]
+    out["support_imgs"] = s.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, s.shape[:2])
+    return out
 
 
 def measure_step(name: str, size: int, batch: int, repeats: int, device: torch.device, precision: str) -> dict:
@@ -72,6 +87,98 @@ def measure_step(name: str, size: int, batch: int, repeats: int, device: torch.d
     seconds = time_interleaved({"floor": floor, "step": step}, repeats, device)
     seconds["stages"] = _stages(model, data, autocast, device)
     return seconds
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure_memory(device: torch.device, batch: int = 4, size: int = 473) -> dict:
+    """Bytes of the default training step (ResNet50 frozen, random init, HPAM + CKMM with a random bank, 1-shot,
+    fp16 autocast): forward, loss, backward, SGD step, measured by `jc2a.bench.peak_memory` on one steady-state step
+    (the momentum buffers made beforehand by a step on zero gradients, as every step after the first finds them).
+
+    Returns the bytes live before the step (`weights`: the model's parameters and buffers, backbone and CKMM bank
+    included; `optimizer`; `batch`), `step_peak` (the peak above them during the step), `total`, and on CUDA
+    `reserved` (the caching allocator's peak). On a CPU the model and images are channels_last (speed only).
+    """
+    from jc2a.bench import peak_memory
+
+    model, _ = _model("resnet50", size, device)
+    data = _batch(batch, size, 1, device)
+    if device.type == "cpu":
+        model.to(memory_format=torch.channels_last)
+        data = channels_last_batch(data)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.float16):
+            loss = model.loss(model(data["query_img"], data["support_imgs"], data["support_masks"]), data["query_mask"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = {
+        "weights": _nbytes([*model.parameters(), *model.buffers()]),
+        "optimizer": _nbytes([v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]),
+        "batch": _nbytes(data.values()),
+    }
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else sum(out.values())
+    start = time.perf_counter()
+    out["step_peak"] = peak_memory(step, device)
+    out["seconds"] = time.perf_counter() - start
+    out["total"] = before + out["step_peak"]
+    if device.type == "cuda":
+        out["reserved"] = torch.cuda.max_memory_reserved(device)
+    return out
+
+
+def bench_memory(args: argparse.Namespace):
+    """Section `memory` of `jc2a bench`: the default training step's peak memory against the 2080 Ti's 11 GB."""
+    from jc2a.bench import MEMORY_METHOD, Report, _device
+
+    device = _device(args.device)
+    m = measure_memory(device)
+    gib = 2**30
+    ok = m["total"] <= MEMORY_BUDGET
+    rows = [["what", "GiB"]]
+    rows += [
+        ["weights and buffers (ResNet50, head, CKMM bank)", f"{m['weights'] / gib:.3f}"],
+        ["optimizer state (SGD momentum of the head)", f"{m['optimizer'] / gib:.3f}"],
+        ["batch (uint8 images and masks)", f"{m['batch'] / gib:.3f}"],
+        ["step peak above those (activations, gradients, casts, scratch)", f"{m['step_peak'] / gib:.3f}"],
+        ["total", f"{m['total'] / gib:.3f}"],
+    ]
+    if "reserved" in m:
+        rows.append(["CUDA caching allocator, peak reserved", f"{m['reserved'] / gib:.3f}"])
+    margin = MEMORY_BUDGET - m["total"]
+    rows.append(["budget: 11 GB = 11e9 bytes (RTX 2080 Ti)", f"{MEMORY_BUDGET / gib:.2f}"])
+    rows.append(["margin", f"{margin / gib:.2f} ({m['total'] / MEMORY_BUDGET:.1%} used: {'PASS' if ok else 'FAIL'})"])
+    where = "CUDA" if device.type == "cuda" else "CPU fp16 autocast, channels_last"
+    notes = [
+        f"the default training step: ResNet50 frozen (random init), 473², batch 4, 1-shot, HPAM + CKMM (random "
+        f"bank), fp16 autocast, forward + loss + backward + SGD (momentum) step; {where}; one step, "
+        f"{m['seconds']:.0f} s",
+        MEMORY_METHOD[device.type],
+        "the total counts the weights themselves (the frozen backbone's, fp32, ~90 MiB, and the head's), the head's "
+        "gradients and momentum buffers, and the fp16 copies of the weights autocast makes during the step",
+    ]
+    if device.type == "cpu":
+        notes.append(
+            "what a CPU estimate cannot see: cuDNN's workspaces (per algorithm; large with cudnn.benchmark), the CUDA "
+            "caching allocator's rounding and fragmentation (its reserved memory, typically 10-30% above the "
+            "allocated peak), the CUDA context and cuBLAS/cuDNN handles (~0.3-0.5 GB, outside PyTorch's counters), "
+            "DDP's gradient buckets and NCCL buffers; and it counts what a GPU would not allocate: the im2col "
+            "buffers of the CPU's fp16 convolutions. `jc2a bench gpu` measures it with torch.cuda.max_memory_allocated"
+        )
+    summary = [["memory: default training step / 11 GB", f"{m['total'] / MEMORY_BUDGET:.2f}x", "<= 1x",
+                "PASS" if ok else "FAIL"]]  # fmt: skip
+    return Report("Memory: the default training step against an 11 GB GPU", rows, notes, ok, summary)
 
 
 def _stages(model, data: dict, autocast, device: torch.device) -> dict[str, float]:
@@ -153,7 +260,7 @@ def measure_loop(steps: int = 24, workers: int = 2) -> dict:
 
         torch.manual_seed(cfg.train.seed)
         model = fill_bank_at_random(build_model(cfg)).train()
-        batch = next(iter(train_loader(cfg, model.backbone.mean, rank=0, world=1, shards=open_shards(cfg, "train"))))
+        batch = next(iter(train_loader(cfg.data, cfg.train.seed, cfg.train.batch_size, model.backbone.mean, 0, 1)))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9)
         times = []
