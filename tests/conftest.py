@@ -48,7 +48,7 @@ def fresh_accelerate_state():
     import sys
 
     if "accelerate" in sys.modules:
-        from jc2a.runs.common import reset_accelerate_state
+        from jc2a.runs.session import reset_accelerate_state
 
         reset_accelerate_state()
     if "torch" in sys.modules:

@@ -15,7 +15,7 @@ import torch
 from jc2a.cli import main
 from jc2a.config import load_config
 from jc2a.folds import novel_classes
-from jc2a.runs.common import reset_accelerate_state
+from jc2a.runs.session import reset_accelerate_state
 
 ROOT = Path(__file__).resolve().parents[1]
 # the toy config at 65 px with a narrow head (as tests/test_train.py): a few steps train in seconds
@@ -111,7 +111,8 @@ def test_results_hold_every_fold_shot_and_seed(one_process):
 def test_numbers_equal_the_training_validation(trained, one_process, coco_shards):
     """The same scoring as `train.validate` (one code path idea): the 1-shot seed-0 row, recomputed there."""
     from jc2a.data.episodes import open_shards
-    from jc2a.runs.common import load_trained_model, make_accelerator
+    from jc2a.runs.network import load_trained_model
+    from jc2a.runs.session import make_accelerator
     from jc2a.runs.train import validate
 
     model, cfg = load_trained_model(trained)

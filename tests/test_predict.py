@@ -14,7 +14,7 @@ from PIL import Image
 
 from jc2a.cli import main
 from jc2a.config import load_config, save_config
-from jc2a.runs.common import CONFIG_FILE, MODEL_FILE, save_model_file
+from jc2a.runs.files import CONFIG_FILE, MODEL_FILE, save_model_file
 from jc2a.runs.predict import Predictor, read_image, read_mask
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,9 @@ import torch
 
 from jc2a.cli import main
 from jc2a.config import load_config, save_config
-from jc2a.runs.common import load_trained_model, read_model_file, reset_accelerate_state
+from jc2a.runs.files import read_model_file
+from jc2a.runs.network import load_trained_model
+from jc2a.runs.session import reset_accelerate_state
 from jc2a.runs.train import checkpoint_dirs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from jc2a.config import load_config
-from jc2a.runs.common import load_trained_model, read_model_file
+from jc2a.runs.files import read_model_file
+from jc2a.runs.network import load_trained_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # the toy config at 65 px with a narrow head: a step takes a fraction of a second on 2 cores
@@ -296,7 +297,7 @@ def test_an_interrupted_run_ends_its_mlflow_run(coco_shards, tmp_path, monkeypat
     assert [m.step for m in client.get_metric_history(stopped.info.run_id, "loss")] == [1]
 
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    from jc2a.runs.common import reset_accelerate_state
+    from jc2a.runs.session import reset_accelerate_state
 
     reset_accelerate_state()
     out = run_train(coco_shards, tmp_path / "b", "train.max_steps=1", "train.tracking=mlflow",

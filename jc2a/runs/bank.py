@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from accelerate.utils import send_to_device
+from torch import nn
 from tqdm import tqdm
 
 from jc2a.config import Config, ConfigError, load_config
 from jc2a.data.episodes import bank_loader, label_masks, open_shards
 from jc2a.data.locations import ShardSet
-from jc2a.runs.common import bank_fingerprint, make_accelerator, setup_logging, to_device
+from jc2a.runs.session import make_accelerator, setup_logging
 from jc2a.runs.files import load_bank, save_bank
 
 log = logging.getLogger("jc2a.runs")
@@ -56,7 +58,7 @@ def build_bank(accelerator, model, cfg: Config, shards: ShardSet, progress: bool
         skipped += int(batch["skipped"].sum())
         if not any(batch["classes"]):  # every image of the batch was unreadable
             continue
-        batch = to_device(batch, accelerator.device)
+        batch = send_to_device(batch, accelerator.device, non_blocking=True)
         # 1. one backbone pass per image, 2. one instance per usable base class of the image (Eq. 11)
         owner = torch.tensor([i for i, cs in enumerate(batch["classes"]) for _ in cs], device=accelerator.device)
         classes = torch.tensor([c for cs in batch["classes"] for c in cs], device=accelerator.device)
@@ -144,3 +146,18 @@ def bank_main(config: Optional[list], overrides: list[str], out: Union[str, os.P
 
 def run(args) -> int:
     return bank_main(args.config, args.overrides, args.out, not args.no_progress)
+
+
+def bank_fingerprint(cfg: Config, model: nn.Module, index_checksum: str) -> dict[str, str]:
+    """What a prototype bank depends on: a bank file is reused only when all of it matches."""
+    backbone = model.backbone
+    return {
+        "backbone": cfg.model.backbone.name,
+        "weights": backbone.weights_digest(),
+        "dataset": cfg.data.dataset,
+        "fold": str(cfg.data.fold),
+        "image_size": str(cfg.data.image_size),
+        "canvas": cfg.data.eval_resize,
+        "min_pixels": str(cfg.data.min_pixels),
+        "train_index": index_checksum,
+    }

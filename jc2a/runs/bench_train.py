@@ -235,7 +235,7 @@ def measure_loop(steps: int = 24, workers: int = 2) -> dict:
     from jc2a.data.shards import write_shards
     from jc2a.data.toy import write_toy_coco
     from jc2a.runs.bench_eval import fill_bank_at_random
-    from jc2a.runs.common import reset_accelerate_state
+    from jc2a.runs.session import reset_accelerate_state
     from jc2a.runs.train import train
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from jc2a.config import Config, load_config
 from jc2a.presets import preset
-from jc2a.runs.common import reset_accelerate_state
+from jc2a.runs.session import reset_accelerate_state
 
 log = logging.getLogger("jc2a.runs")
 DEMO_CONFIG = preset("demo.yaml")
@@ -69,7 +69,8 @@ def compare(cfg: Config, run_dir: Path, shots: list[int], episodes: int, progres
     from jc2a.data.episodes import open_shards
     from jc2a.runs.network import build_network
     from jc2a.runs.bank import ensure_bank
-    from jc2a.runs.common import close_accelerator, load_trained_model, make_accelerator
+    from jc2a.runs.network import load_trained_model
+    from jc2a.runs.session import close_accelerator, make_accelerator
     from jc2a.runs.evaluate import evaluate_episodes
 
     reset_accelerate_state()
@@ -176,7 +177,8 @@ def demo(
     progress: bool = True,
 ) -> dict:
     """Run the demo; returns the scores, the checks and where everything is."""
-    from jc2a.runs.common import setup_logging, tracking_uri
+    from jc2a.runs.session import setup_logging
+    from jc2a.runs.tracking import tracking_uri
     from jc2a.runs.evaluate import evaluate
     from jc2a.runs.train import train
 

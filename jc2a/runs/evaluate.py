@@ -33,17 +33,10 @@ from jc2a.data.episodes import eval_loader, open_shards
 from jc2a.data.transforms import Resize, eval_canvas
 from jc2a.folds import novel_classes
 from jc2a.metrics import IGNORE, FewShotIoU, score_at_original_size
-from jc2a.runs.common import (
-    RunLog,
-    close_accelerator,
-    load_trained_model,
-    make_accelerator,
-    mlflow_params,
-    resolve_checkpoint,
-    run_name,
-    setup_logging,
-    tracking_uri,
-)
+from jc2a.runs.files import resolve_checkpoint
+from jc2a.runs.network import load_trained_model
+from jc2a.runs.session import close_accelerator, make_accelerator, setup_logging
+from jc2a.runs.tracking import RunLog, mlflow_params, run_name, tracking_uri
 from jc2a.runs.preview import to_rgb
 from jc2a.runs.report import summarize, variant, write_results
 

@@ -1,4 +1,5 @@
-"""Files the runs write and read as data: safetensors only (nothing is ever unpickled), written atomically.
+"""Files the runs write and read as data: model, bank and backbone weights files, run-folder names. Safetensors
+(nothing is ever unpickled; torch weights files only weights-only), written atomically.
 
 The CKMM prototype bank file lives here: the model's `PrototypeBank` holds the tensors (Eqs. 11-12) and knows
 no files; a bank file adds a format tag, the feature dim and a fingerprint of what the bank was built from.
@@ -11,13 +12,36 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
+import yaml
+from torch import nn
 
-__all__ = ["BANK_FORMAT", "file_sha256", "load_bank", "read_torch_weights", "read_weights", "save_bank", "write_safetensors"]
+from jc2a.config import Config, to_dict
+
+__all__ = [
+    "BANK_FILE",
+    "BANK_FORMAT",
+    "CONFIG_FILE",
+    "MODEL_FILE",
+    "WEIGHTS",
+    "file_sha256",
+    "load_bank",
+    "read_model_file",
+    "read_torch_weights",
+    "read_weights",
+    "resolve_checkpoint",
+    "save_bank",
+    "save_model_file",
+    "write_safetensors",
+]
 
 BANK_FORMAT = "jc2a-prototype-bank/2"  # safetensors; /1 was a torch.save pickle, no longer read
+MODEL_FORMAT = "jc2a-model/1"
+MODEL_FILE = "model.safetensors"
+BANK_FILE = "bank.safetensors"
+CONFIG_FILE = "config.yaml"
 
 
 def write_safetensors(
@@ -203,3 +227,62 @@ def read_weights(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor]
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ValueError(f"{path}: neither a safetensors nor a torch weights file ({reason})") from None
     return read_torch_weights(path), source
+
+
+# --------------------------------------------------------------------------- model files
+
+
+def save_model_file(path: Union[str, os.PathLike], model: nn.Module, cfg: Config, **meta: Any) -> Path:
+    """Every tensor the evaluator needs (trainable weights, frozen backbone, buffers, CKMM bank) as safetensors,
+    written atomically; the resolved config and `meta` go into the file's metadata."""
+    from jc2a.runs.files import write_safetensors
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    metadata = {"format": MODEL_FORMAT, "config": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
+    metadata.update({k: json.dumps(v) for k, v in meta.items()})
+    return write_safetensors(path, tensors, metadata)
+
+
+def read_model_file(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a model file; only safetensors is read, nothing is unpickled.
+
+    Raises FileNotFoundError or ValueError naming the file when it is missing or not a jc2a model file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != MODEL_FORMAT:
+                raise ValueError(f"{path}: not a jc2a model file (no safetensors metadata format={MODEL_FORMAT!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: not a safetensors jc2a model file ({str(exc).splitlines()[0]})") from None
+    return tensors, metadata
+
+
+WEIGHTS = ("final", "best")  # a run's model.safetensors, or best/model.safetensors (the best validation mIoU)
+
+
+def resolve_checkpoint(path: Union[str, os.PathLike], weights: str = "final") -> tuple[Path, Optional[Path]]:
+    """(model file, config file or None) of `path`: a model file, or a run folder holding model.safetensors
+    (`weights="final"`) or best/model.safetensors (`weights="best"`); the config is the run's config.yaml."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+    path = Path(path)
+    if path.is_dir():
+        model = path / "best" / MODEL_FILE if weights == "best" else path / MODEL_FILE
+        if not model.is_file():
+            why = "was it ever validated?" if weights == "best" else "has the training finished?"
+            raise FileNotFoundError(f"{path}: no {model.relative_to(path)} in this run folder ({why})")
+        config = path / CONFIG_FILE
+        return model, config if config.is_file() else None
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    if weights == "best":
+        raise ValueError(f"{path}: the best weights are a run folder's best/{MODEL_FILE}; give the run folder")
+    config = path.parent / CONFIG_FILE
+    return path, config if config.is_file() else None

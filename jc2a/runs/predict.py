@@ -169,7 +169,7 @@ class Predictor:
         overrides: Sequence[str] = (),
     ) -> Predictor:
         """A predictor from a model file or run folder (a ConfigError names the file of an incompatible config)."""
-        from jc2a.runs.common import load_trained_model
+        from jc2a.runs.network import load_trained_model
 
         model, cfg = load_trained_model(checkpoint, configs, overrides)
         return cls(model, cfg, device)

@@ -36,7 +36,8 @@ def run_row(row: str, seed: int, shards: Path, out: Path, steps: int, episodes: 
     """Train one row with one seed, then its 1-shot mIoU / FB-IoU on the novel classes."""
     from jc2a.config import load_config
     from jc2a.data.episodes import open_shards
-    from jc2a.runs.common import close_accelerator, load_trained_model, make_accelerator, reset_accelerate_state
+    from jc2a.runs.network import load_trained_model
+    from jc2a.runs.session import close_accelerator, make_accelerator, reset_accelerate_state
     from jc2a.runs.evaluate import evaluate_episodes
     from jc2a.runs.train import train
 
@@ -119,7 +120,7 @@ def write_results(text: str, path: Path = Path("docs/RESULTS.md")) -> Path:
 
 
 def main(argv=None) -> int:
-    from jc2a.runs.common import setup_logging
+    from jc2a.runs.session import setup_logging
     from jc2a.runs.demo import toy_shards
 
     parser = argparse.ArgumentParser(prog="python -m jc2a.runs.toy_table3", description=__doc__)

@@ -36,21 +36,11 @@ from jc2a.data.episodes import eval_loader, open_shards, train_loader
 from jc2a.folds import novel_classes
 from jc2a.metrics import FewShotIoU, score_at_original_size
 from jc2a.runs.bank import build_bank, ensure_bank
-from jc2a.runs.common import (
-    BANK_FILE,
-    CONFIG_FILE,
-    MODEL_FILE,
-    RunLog,
-    bank_fingerprint,
-    close_accelerator,
-    make_accelerator,
-    mlflow_params,
-    run_name,
-    save_model_file,
-    setup_logging,
-    to_device,
-    tracking_uri,
-)
+from accelerate.utils import send_to_device
+from jc2a.runs.bank import bank_fingerprint
+from jc2a.runs.files import BANK_FILE, CONFIG_FILE, MODEL_FILE, save_model_file
+from jc2a.runs.session import close_accelerator, make_accelerator, setup_logging
+from jc2a.runs.tracking import RunLog, mlflow_params, run_name, tracking_uri
 from jc2a.runs.files import save_bank
 from jc2a.runs.report import variant
 from jc2a.runs.schedule import batch_plan, poly
@@ -226,7 +216,7 @@ def validate(accelerator, model, cfg: Config, shards, episodes: int, seed: int) 
         cfg.data, seed, accelerator.process_index, accelerator.num_processes, shards=shards, episodes=episodes
     )
     for batch in loader:
-        batch = to_device(batch, accelerator.device)
+        batch = send_to_device(batch, accelerator.device, non_blocking=True)
         with autocast(accelerator, cfg):
             logits = model(batch["query_img"], batch["support_imgs"], batch["support_masks"])
         pred, target = score_at_original_size(logits[0], batch["query_label"][0])
@@ -396,7 +386,7 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
             loader.set_epoch(state.epoch, start=state.batch)
             for batch in loader:
                 state.batch += 1
-                if not stepper.micro(to_device(batch, accelerator.device), state):  # 5a. forward, backward, step
+                if not stepper.micro(send_to_device(batch, accelerator.device, non_blocking=True), state):  # 5a. forward, backward, step
                     continue
                 state.step += 1
                 bar.update(1)
