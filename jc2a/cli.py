@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from typing import Optional, Sequence
 
-from jc2a.config import ConfigError
+from jc2a.errors import UserError
 
 # subcommand -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
     "config": ("jc2a.runs.config_cmd", "print a resolved config as YAML, or the reference of every key"),
-    "toy": ("jc2a.data.toy", "write the built-in procedural toy dataset (COCO or VOC layout)"),
-    "shards": ("jc2a.data.shards", "convert COCO 2014 or VOC 2012 + SBD into webdataset shards"),
+    "toy": ("jc2a.runs.toy_cmd", "write the built-in procedural toy dataset (COCO or VOC layout)"),
+    "shards": ("jc2a.runs.shards_cmd", "convert COCO 2014 or VOC 2012 + SBD into webdataset shards"),
     "preview": ("jc2a.runs.preview", "stream episodes from shards and save them as pictures"),
     "bank": ("jc2a.runs.bank", "build CKMM's prototype bank over a fold's base-class training images"),
     "train": ("jc2a.runs.train", "train JC2A (accelerate: CPU, 1 GPU, N GPUs, N nodes, DeepSpeed)"),
@@ -22,7 +23,7 @@ COMMANDS = {
     "predict": ("jc2a.runs.predict", "segment your own query images from K annotated support images"),
     "demo": ("jc2a.runs.demo", "the main job on the built-in toy data: train, evaluate, show that JC2A learns"),
     "summary": ("jc2a.runs.summary", "parameter counts of the paper's Table 3 rows"),
-    "bench": ("jc2a.bench", "benchmarks that print ratios measured in one run"),
+    "bench": ("jc2a.bench.command", "benchmarks that print ratios measured in one run"),
 }
 
 
@@ -44,17 +45,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError, OSError) as exc:
+    except Exception as exc:
+        if not is_users(exc):
+            raise  # a bug (any other ValueError, RuntimeError, ...): its traceback
         # Bad input or a full disk: one clear line naming the file, record or key; no traceback.
         print(f"jc2a {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        from jc2a.data.episodes import StreamError
 
-        if not isinstance(exc, StreamError) and "StreamError" not in str(exc):
-            raise
-        print(f"jc2a {args.command}: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+
+# An OSError with one of these is the user's too: a full disk, a full quota, a read-only file system.
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def is_users(exc: BaseException) -> bool:
+    """Whether `exc` is a problem with what the user gave (one line, exit status 2), not a bug (a traceback):
+    a `UserError` (ConfigError, RecordError, StreamError, ...), a missing or forbidden path, a folder where a file
+    should be or a file where a folder should be, a full or read-only disk, or a UserError re-raised from a
+    DataLoader worker as a RuntimeError naming it."""
+    if isinstance(exc, (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in USER_ERRNOS
+    if isinstance(exc, RuntimeError) and "Original Traceback" in str(exc):
+        # torch re-raises a worker's error as its own type when it can, else as a RuntimeError naming it
+        last = str(exc).strip().splitlines()[-1]
+        return last.split(":", 1)[0].rsplit(".", 1)[-1] in _user_error_names()
+    return False
+
+
+def _user_error_names() -> set[str]:
+    """Names of UserError and every subclass of it defined so far."""
+    names, todo = set(), [UserError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
 
 
 def one_line(exc: BaseException) -> str:

@@ -23,6 +23,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from jc2a.errors import UserError
+
 __all__ = [
     "AugmentConfig",
     "BackboneConfig",
@@ -49,7 +51,7 @@ PATH_CHARS = 4096  # PATH_MAX
 NAME_CHARS = 255  # one file name
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem; its message is one line naming the key and the file."""
 
 
@@ -140,7 +142,7 @@ def _assign(obj: _Section, name: str, value: Any, source: str) -> None:
 
 
 class AugmentConfig(_Section):
-    """PFENet's training augmentation (SPEC §1 Transforms)."""
+    """PFENet's training augmentation (docs/PROTOCOL.md)."""
 
     scale: Scale = Field(default_factory=lambda: [0.9, 1.1], description="RandScale range")
     rotate: Degrees = Field(default_factory=lambda: [-10.0, 10.0], description="RandRotate degrees")
@@ -152,7 +154,7 @@ class AugmentConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Where episodes come from and how they are drawn (SPEC §1)."""
+    """Where episodes come from and how they are drawn (docs/PROTOCOL.md)."""
 
     dataset: Literal["coco20i", "pascal5i"] = Field("coco20i", description="coco20i | pascal5i")
     fold: int = Field(0, ge=0, le=3, description="0..3")
@@ -217,7 +219,7 @@ class DataConfig(_Section):
 
 
 class BackboneConfig(_Section):
-    """A timm CNN used as a four-stage, stride-8 feature extractor (SPEC §2 Backbone)."""
+    """A timm CNN used as a four-stage, stride-8 feature extractor (docs/PROTOCOL.md)."""
 
     name: str = Field(
         "resnet50.tv_in1k",
@@ -261,7 +263,7 @@ class CKMMConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The JC2A network (SPEC §2)."""
+    """The JC2A network (docs/PROTOCOL.md)."""
 
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     feat_dim: int = Field(256, ge=1, le=4096, description="C, reduced mid-level feature width")
@@ -277,7 +279,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Optimisation and run bookkeeping (SPEC §3)."""
+    """Optimisation and run bookkeeping (docs/PROTOCOL.md)."""
 
     seed: int = Field(321, ge=0, le=MAX_SEED, description="initial weights and every episode stream")
     output_dir: str = Field(

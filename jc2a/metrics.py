@@ -1,4 +1,4 @@
-"""Few-shot segmentation metrics (SPEC §4): per-class intersection and union sums, mIoU and FB-IoU in percent."""
+"""Few-shot segmentation metrics: per-class intersection and union sums, mIoU and FB-IoU in percent."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["IGNORE", "FewShotIoU", "score_at_original_size"]
+from jc2a.labels import IGNORE_INDEX
 
-IGNORE = 255
+__all__ = ["FewShotIoU", "score_at_original_size"]
+
 
 
 class FewShotIoU:
@@ -58,7 +59,7 @@ class FewShotIoU:
         ids = torch.as_tensor(class_id).view(-1).tolist()
         if len(ids) != pred.shape[0]:
             raise ValueError(f"{len(ids)} class ids for {pred.shape[0]} episodes")
-        valid = target != IGNORE
+        valid = target != IGNORE_INDEX
         fg_pred = (pred == 1) & valid
         fg_true = (target == 1) & valid
         bg_pred = (pred != 1) & valid
@@ -108,20 +109,9 @@ class FewShotIoU:
             "missing": [c for i, c in enumerate(self.class_ids) if not bool(seen[i])],
         }
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"intersection": self.intersection, "union": self.union, "episodes": self.episodes}
-
-    def merge(self, other: FewShotIoU) -> None:
-        """Add another meter's counts (same classes)."""
-        if other.class_ids != self.class_ids:
-            raise ValueError("cannot merge meters of different classes")
-        self.intersection += other.intersection
-        self.union += other.union
-        self.episodes += other.episodes
-
 
 def score_at_original_size(logits: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
-    """PFENet's scoring of one episode at the original resolution (SPEC §4).
+    """PFENet's scoring of one episode at the original resolution (docs/PROTOCOL.md).
 
     The canvas logits `[2, S, S]` (or `[1, 2, S, S]`) are upsampled bilinearly (align_corners=True) to a square of
     the original label's longer side L; the original label `[h, w]` (0/1/255) is padded into that square with 255.
@@ -133,7 +123,7 @@ def score_at_original_size(logits: Tensor, label: Tensor) -> tuple[Tensor, Tenso
         logits = logits[0]
     h, w = label.shape[-2:]
     side = max(h, w)
-    target = torch.full((side, side), IGNORE, dtype=torch.int64, device=label.device)
+    target = torch.full((side, side), IGNORE_INDEX, dtype=torch.int64, device=label.device)
     target[:h, :w] = label.to(torch.int64)
     up = torch.nn.functional.interpolate(
         logits.unsqueeze(0).float(), size=(side, side), mode="bilinear", align_corners=True

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
+from jc2a.bench.gpu import ITEMS
 from jc2a.cli import main
-from jc2a.runs.bench_gpu import ITEMS
 
 
 def _rows(text: str) -> dict[str, str]:

@@ -36,7 +36,7 @@ def _write(data: dict, path: Path) -> Path:
 
 
 def _oracle(data: dict, image_id: int, path: Path) -> np.ndarray:
-    """The SPEC's label map from pycocotools' own `annToMask`, one instance at a time."""
+    """The protocol's label map from pycocotools' own `annToMask`, one instance at a time."""
     coco = COCO(str(_write(data, path)))
     info = coco.imgs[image_id]
     label = np.zeros((info["height"], info["width"]), np.uint8)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN as MEAN
 
 import jc2a.data.episodes as episodes
 from jc2a.data.episodes import (
@@ -200,7 +201,7 @@ def test_pfenet_training_one_episode_per_qualifying_image(toy_cfg):
     train = ShardSet(toy_cfg.data.shards, "train")
     base = set(base_classes("coco20i", toy_cfg.data.fold))
     qualifying = qualifying_images(train, sorted(base), 200)
-    loader = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, shards=train, rank=0, world=1)
+    loader = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, mean=MEAN, shards=train, rank=0, world=1)
     assert len(loader) == -(-len(qualifying) // 2)  # an epoch: qualifying images / (world x batch)
     batches = list(loader)
     assert len(batches) == len(loader)
@@ -222,7 +223,7 @@ def test_hsnet_training_epoch_counts_pairs(toy_cfg):
     base = base_classes("coco20i", toy_cfg.data.fold)
     pairs = sum(len(train.usable(c, 200)) for c in base)
     toy_cfg.data.protocol = "hsnet"
-    loader = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, shards=train, rank=0, world=1)
+    loader = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, mean=MEAN, shards=train, rank=0, world=1)
     assert len(loader) == -(-pairs // 2)
     by_key = {r["key"]: i for i, r in enumerate(train.records)}
     for batch in list(loader)[:10]:
@@ -234,7 +235,7 @@ def test_filter_novel_drops_images_with_novel_pixels(toy_cfg):
     train = ShardSet(toy_cfg.data.shards, "train")
     novel = {str(c) for c in novel_classes("coco20i", 0)}
     toy_cfg.data.filter_novel = True
-    loader = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, shards=train, rank=0, world=1)
+    loader = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, mean=MEAN, shards=train, rank=0, world=1)
     kept = qualifying_images(train, base_classes("coco20i", 0), 200, novel_classes("coco20i", 0))
     assert len(loader) == -(-len(kept) // 2) < -(-len(qualifying_images(train, base_classes("coco20i", 0), 200)) // 2)
     by_key = {r["key"]: r for r in train.records}
@@ -264,15 +265,15 @@ def test_the_stream_is_a_webdataset_pipeline(toy_cfg):
 
     data = DataConfig(shards=toy_cfg.data.shards, min_pixels=200, image_size=65, support_pool=8, shuffle_buffer=32)
     data.num_workers = 0
-    loader = train_loader(data, seed=5, batch_size=2, rank=0, world=1)
+    loader = train_loader(data, seed=5, batch_size=2, mean=MEAN, rank=0, world=1)
     assert isinstance(loader, wds.WebLoader) and isinstance(loader.stream, wds.DataPipeline)
     assert isinstance(loader.stream.pipeline[0], wds.ResampledShards)
     loader.set_epoch(0, start=len(loader) - 3)
     assert loader.nsamples == 3 and len(list(loader)) == 3 and loader.nsamples == len(loader)
-    stream = train_loader(data, seed=5, batch_size=2, rank=0, world=1).stream
+    stream = train_loader(data, seed=5, batch_size=2, mean=MEAN, rank=0, world=1).stream
     same = TrainEpisodes(
-        ShardSet(data.shards, "train"), base_classes("coco20i", 0), 1, 200, train_transform(data.augment, 65), seed=5,
-        pool_size=8, shuffle_buffer=32,
+        ShardSet(data.shards, "train"), base_classes("coco20i", 0), 1, 200, train_transform(data.augment, 65, MEAN),
+        seed=5, pool_size=8, shuffle_buffer=32,
     )  # fmt: skip
     for a, b in zip(stream, same):
         assert a["query_key"] == b["query_key"] and torch.equal(a["query_img"], b["query_img"])
@@ -289,31 +290,31 @@ def test_rank_and_world_default_to_torch_distributed(toy_cfg, monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     stream = TrainEpisodes(train, base_classes("coco20i", 0), 1, 200, None)
     assert (stream.rank, stream.world) == (1, 2)
-    loader = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, shards=train)
+    loader = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, mean=MEAN, shards=train)
     assert (loader.stream.rank, loader.stream.world) == (1, 2)
     assert len(loader) == -(-len(qualifying_images(train, base_classes("coco20i", 0), 200)) // 4)
 
 
 def test_training_stream_is_seeded_per_epoch_and_rank(toy_cfg):
-    a = next(iter(train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, rank=0, world=1)))
-    b = next(iter(train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, rank=0, world=1)))
+    a = next(iter(train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, mean=MEAN, rank=0, world=1)))
+    b = next(iter(train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, mean=MEAN, rank=0, world=1)))
     assert a["query_key"] == b["query_key"] and torch.equal(a["query_img"], b["query_img"])
-    loader = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, rank=0, world=1)
+    loader = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, mean=MEAN, rank=0, world=1)
     loader.set_epoch(1)  # another epoch, another draw
     c = next(iter(loader))
     assert c["query_key"] != a["query_key"] or not torch.equal(c["query_img"], a["query_img"])
-    d = next(iter(train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, rank=1, world=2)))
+    d = next(iter(train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, mean=MEAN, rank=1, world=2)))
     assert d["query_key"] != a["query_key"]  # ranks draw different queries
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resumed_epoch_continues_exactly(toy_cfg, workers):
     toy_cfg.data.num_workers = workers
-    loader = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, rank=0, world=1)
+    loader = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, mean=MEAN, rank=0, world=1)
     loader.set_epoch(3)
     full = list(loader)
     for start in (1, 5):
-        resumed = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, rank=0, world=1)
+        resumed = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, mean=MEAN, rank=0, world=1)
         resumed.set_epoch(3, start=start)
         tail = list(resumed)
         assert len(tail) == len(full) - start
@@ -392,7 +393,7 @@ def test_a_stalled_shard_server_ends_the_stream(coco_shards, tmp_path, monkeypat
 def test_a_slow_consumer_is_not_a_stalled_stream(toy_cfg):
     """The bound counts the stream's own time: a training step slower than data.stream_timeout is no failure."""
     train = ShardSet(toy_cfg.data.shards, "train")
-    transform = train_transform(toy_cfg.data.augment, 65)
+    transform = train_transform(toy_cfg.data.augment, 65, MEAN)
     stream = iter(TrainEpisodes(train, base_classes("coco20i", 0), 1, 200, transform, timeout=1.0, shuffle_buffer=8))
     for _ in range(3):
         next(stream)
@@ -406,7 +407,7 @@ def test_stream_error_crosses_loader_workers(toy_cfg, coco_shards, tmp_path):
         tar.unlink()
     toy_cfg.data.shards, toy_cfg.data.num_workers, toy_cfg.data.stream_failures = str(tmp_path / "shards"), 2, 3
     with pytest.raises(StreamError, match="3 consecutive unreadable shards"):
-        next(iter(train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, rank=0, world=1)))
+        next(iter(train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, mean=MEAN, rank=0, world=1)))
 
 
 # --------------------------------------------------------------------------- the bank pass
@@ -463,7 +464,7 @@ def test_corrupt_jpeg_is_skipped_and_counted(toy_cfg, coco_shards, tmp_path, cap
         base_classes("coco20i", 0),
         1,
         200,
-        train_transform(toy_cfg.data.augment, 65),
+        train_transform(toy_cfg.data.augment, 65, MEAN),
         pool_size=4,
         shuffle_buffer=1,
         max_failures=1000,
@@ -481,7 +482,7 @@ def test_corrupt_jpeg_is_skipped_and_counted(toy_cfg, coco_shards, tmp_path, cap
 def test_skips_in_loader_workers_reach_the_main_process(toy_cfg, coco_shards, tmp_path):
     bad_key = _corrupt_copy(coco_shards, tmp_path / "shards", 200)
     toy_cfg.data.shards, toy_cfg.data.num_workers = str(tmp_path / "shards"), 2
-    loader = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, rank=0, world=1)
+    loader = train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, mean=MEAN, rank=0, world=1)
     keys = []
     for epoch in range(4):  # shards are resampled: the broken one comes up sooner or later
         loader.set_epoch(epoch)
@@ -508,7 +509,7 @@ def test_streams_from_http(toy_cfg, http_shards, coco_shards, tmp_path, monkeypa
     pattern = f"{http_shards}/train-{{000000..{len(n) - 1:06d}}}.tar"
     train = ShardSet(pattern, "train")
     assert train.index_url == f"{http_shards}/train-index.json" and train.urls[0].startswith("http://127.0.0.1")
-    batch = next(iter(train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, shards=train)))
+    batch = next(iter(train_loader(toy_cfg.data, seed=toy_cfg.train.seed, batch_size=2, mean=MEAN, shards=train)))
     assert batch["query_img"].shape[0] == 2
     toy_cfg.data.shards = http_shards  # prefix form: the index names the shards
     toy_cfg.data.eval_episodes = 4

@@ -108,18 +108,15 @@ def test_results_hold_every_fold_shot_and_seed(one_process):
     assert any(m.get("miou/fold0/5shot/seed1") == rows[3]["miou"] for m in logged)
 
 
-def test_numbers_equal_the_training_validation(trained, one_process, coco_shards):
-    """The same scoring as `train.validate` (one code path idea): the 1-shot seed-0 row, recomputed there."""
-    from jc2a.data.episodes import open_shards
-    from jc2a.runs.network import load_trained_model
-    from jc2a.runs.session import make_accelerator
-    from jc2a.runs.train import validate
-
-    model, cfg = load_trained_model(trained)
-    accelerator = make_accelerator(cfg)
-    result = validate(accelerator, model, cfg, open_shards(cfg.data, "val"), episodes=8, seed=0)
-    row = json.loads((one_process / "results.json").read_text())["rows"][0]
-    assert (row["miou"], row["fbiou"]) == (result["miou"], result["fbiou"])
+def test_numbers_equal_the_training_validation(trained, tmp_path):
+    """Training validates with the evaluation's own scoring: the validation the run logged at its last step (on
+    `train.val_episodes` episodes of list 0) is what `jc2a eval` gives the final model on those episodes."""
+    logged = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    last = [m for m in logged if "val_miou" in m][-1]
+    args = ["--shots", "1", "--seeds", "0", "--episodes", "4", "--figures", "0", "--no-progress"]
+    assert main(["eval", "--checkpoint", str(trained), "--out", str(tmp_path), *args]) == 0
+    row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert last["step"] == 6 and (row["miou"], row["fbiou"]) == pytest.approx((last["val_miou"], last["val_fbiou"]))
 
 
 def test_figures_are_written(one_process):

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from jc2a.bench.eval import fill_bank_at_random
+from jc2a.bench.train import _batch, channels_last_batch
 from jc2a.config import load_config
 from jc2a.model import build_model
-from jc2a.runs.bench_eval import fill_bank_at_random
-from jc2a.runs.bench_train import _batch, channels_last_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -410,35 +410,3 @@ def test_bf16_autocast_is_finite_and_close_to_fp32(attention: str) -> None:
     out = out.float()
     assert torch.isfinite(out).all()
     assert ((out - ref).norm() / ref.norm()).item() < 0.05
-
-
-# ---------------------------------------------------------------------------- `jc2a bench hpam` plumbing (untimed)
-
-
-def test_bench_cpu_peak_memory_is_the_peak_of_live_tensors() -> None:
-    from jc2a.bench import peak_memory
-
-    def fn() -> torch.Tensor:
-        a = torch.ones(1024, 256)  # 1 MiB, freed at return
-        b = torch.ones(2048, 256)  # 2 MiB, returned
-        c = a + 1.0  # 1 MiB: 4 MiB live at the peak
-        del a, c
-        return b
-
-    peak = peak_memory(fn, torch.device("cpu"))
-    assert 4 * 2**20 <= peak < 4 * 2**20 + 1024  # (plus a wrapped scalar or two)
-
-
-def test_bench_command_line() -> None:
-    import argparse
-
-    from jc2a import bench
-
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    args = parser.parse_args(["hpam", "--repeats", "3"])
-    assert (args.section, args.repeats, args.device, args.out) == ("hpam", 3, "auto", None)
-    assert parser.parse_args([]).section == "all"
-    assert "hpam" in bench.SECTIONS
-    report = bench.Report("T", [["a", "b"], ["1", "2"]], ["note"])
-    assert report.markdown() == "## T\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- note\n"

@@ -311,7 +311,7 @@ def test_state_dict_round_trip_keeps_the_bank():
 
 
 def test_hpam_gets_the_support_masked_before_pooling():
-    """SPEC: f~_s = f_s (.) M_s at the feature size, then pooled to each bin (no background leaks into coarse bins)."""
+    """f~_s = f_s (.) M_s at the feature size, then pooled to each bin (no background leaks into coarse bins)."""
     model = _model().eval()
     q, s, m, _ = _episode(b=1)
     seen, supp = {}, {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,10 @@ def test_every_readme_command_parses(argv):
         _check_jc2a(argv[argv.index("-m") + 2 :])
     elif argv[0] in ("bash", "sbatch"):
         script = next(a for a in argv if a.startswith("launch/"))
+        assert (ROOT / script).is_file(), script
+        syntax = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
+        assert syntax.returncode == 0, syntax.stderr  # the script parses
         text = (ROOT / script).read_text()
-        assert (ROOT / script).is_file()
         if script.startswith("launch/train") or script == "launch/slurm.sh":
             first = text.splitlines()[1]  # each launch script opens with the exact command it runs
             assert first.startswith("# ") and "accelerate launch" in first and "-m jc2a train" in first

@@ -21,10 +21,10 @@ import torch
 
 from jc2a.cli import main
 from jc2a.config import load_config, save_config
+from jc2a.runs.checkpoints import checkpoint_dirs
 from jc2a.runs.files import read_model_file
 from jc2a.runs.network import load_trained_model
 from jc2a.runs.session import reset_accelerate_state
-from jc2a.runs.train import checkpoint_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "configs/toy.yaml"
@@ -196,7 +196,7 @@ def broken(coco_shards, tmp_path_factory) -> tuple[Path, set[str]]:
     from jc2a.folds import base_classes
 
     cfg = load_config(TOY, overrides(coco_shards, tmp_path_factory.mktemp("probe"), None, "data.num_workers=0"))
-    loader = train_loader(cfg.data, cfg.train.seed, cfg.train.batch_size, rank=0, world=1)
+    loader = train_loader(cfg.data, cfg.train.seed, cfg.train.batch_size, (0.485, 0.456, 0.406), rank=0, world=1)
     loader.set_epoch(0)
     first = next(iter(loader))  # the headers, pools and draws do not depend on the JPEG bytes
     base = {str(c) for c in base_classes("coco20i", 0)}

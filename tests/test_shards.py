@@ -26,7 +26,7 @@ def _records(folder: Path, split: str) -> dict[str, dict]:
 
 
 def _expected_label(coco: COCO, image_id: int, rank: dict[int, int]) -> np.ndarray:
-    """The SPEC's label map, rebuilt here from pycocotools masks one instance at a time."""
+    """The protocol's label map, rebuilt here from pycocotools masks one instance at a time."""
     info = coco.imgs[image_id]
     label = np.zeros((info["height"], info["width"]), np.uint8)
     anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))

@@ -17,6 +17,7 @@ from pycocotools.coco import COCO
 
 from jc2a.data import toy
 from jc2a.folds import novel_classes
+from jc2a.runs import toy_cmd
 
 MISSING_IDS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
 FOLD0 = [
@@ -57,7 +58,7 @@ def test_categories_are_the_real_coco_80():
         "person", "airplane", "boat", "parking meter", "toothbrush",
     )  # fmt: skip
     assert len(set(by_id.values())) == 80 and all(c["supercategory"] for c in toy.COCO_CATEGORIES)
-    # contiguous id = rank of the COCO id: fold 0 of COCO-20i is the SPEC's list
+    # contiguous id = rank of the COCO id: fold 0 of COCO-20i is the protocol's list
     assert [toy.COCO_CATEGORIES[c - 1]["name"] for c in novel_classes("coco20i", 0)] == FOLD0
     assert len(toy.VOC_CLASSES) == 20 and toy.VOC_CLASSES[0] == "aeroplane" and toy.VOC_CLASSES[-1] == "tvmonitor"
 
@@ -128,7 +129,7 @@ def test_coco_polygons_crowds_and_empty_images(coco_default):
 def test_every_category_usable_for_one_shot(coco_default):
     """At defaults each category covers >= 2*32*32 pixels (PFENet's filter) in >= 2 images of each split.
 
-    The label map is painted as SPEC §1 does: larger instances first, crowds 255 where nothing else is.
+    The label map is painted as docs/PROTOCOL.md does: larger instances first, crowds 255 where nothing else is.
     """
     out, _ = coco_default
     for split in ("train", "val"):
@@ -254,7 +255,7 @@ def test_voc_same_seed_same_bytes(tmp_path, voc_small):
 
 def test_cli_hooks(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    toy.add_arguments(parser)
+    toy_cmd.add_arguments(parser)
     defaults = parser.parse_args(["--out", str(tmp_path)])
     assert (defaults.train_images, defaults.val_images, defaults.size, defaults.seed, defaults.format) == (
         160, 80, 160, 0, "coco",
@@ -262,7 +263,7 @@ def test_cli_hooks(tmp_path, capsys):
     args = parser.parse_args(
         ["--out", str(tmp_path / "v"), "--format", "voc", "--train-images", "8", "--val-images", "6", "--size", "64"]
     )
-    assert toy.run(args) == 0
+    assert toy_cmd.run(args) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("toy voc: 14 images (8 train, 6 val)") and str(tmp_path / "v") in line
     assert (tmp_path / "v" / "ImageSets/Segmentation/val.txt").read_text().count("\n") == 6

@@ -6,11 +6,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN
 
 from jc2a.config import AugmentConfig
 from jc2a.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_PIXEL,
     Compose,
     RandCrop,
     RandomGaussianBlur,
@@ -26,6 +25,9 @@ from jc2a.data.transforms import (
     mean_pixel,
     train_transform,
 )
+
+IMAGENET_MEAN = tuple(IMAGENET_DEFAULT_MEAN)  # the backbone's statistics: the padding colour is its mean pixel
+IMAGENET_PIXEL = mean_pixel(IMAGENET_MEAN)  # (124, 116, 104)
 
 SHAPE = (255, 0, 0)  # the target, painted red into the image
 BACKGROUND = (0, 0, 255)  # everything else, blue
@@ -118,7 +120,7 @@ def test_rand_scale_default_range() -> None:
 @pytest.mark.parametrize("angle", [-10.0, 7.5, 30.0])
 def test_rand_rotate_alignment_and_border(angle: float) -> None:
     image, label = make_pair(240, 320)
-    out_img, out_lbl = RandRotate((angle, angle), p=1.0)(image, label, np.random.default_rng(0))
+    out_img, out_lbl = RandRotate((angle, angle), p=1.0, padding=IMAGENET_PIXEL)(image, label, np.random.default_rng(0))
     assert out_img.shape == image.shape and out_lbl.shape == label.shape
     assert_aligned(out_img, out_lbl)
     if angle == 30.0:  # corners come from outside the source: label 255, image the mean pixel
@@ -132,7 +134,7 @@ def test_rand_rotate_custom_padding_and_probability() -> None:
     rotate = RandRotate((45, 45), p=1.0, padding=(1, 2, 3), ignore=254)
     out_img, out_lbl = rotate(image, label, np.random.default_rng(0))
     assert tuple(out_img[0, 0]) == (1, 2, 3) and out_lbl[0, 0] == 254
-    same_img, same_lbl = RandRotate(p=0.0)(image, label, np.random.default_rng(0))
+    same_img, same_lbl = RandRotate(p=0.0, padding=IMAGENET_PIXEL)(image, label, np.random.default_rng(0))
     assert np.array_equal(same_img, image) and np.array_equal(same_lbl, label)
 
 
@@ -166,7 +168,7 @@ def test_horizontal_flip_is_exact() -> None:
 def test_crop_size_and_alignment(hw: tuple[int, int]) -> None:
     image, label = make_pair(*hw)
     for seed in range(5):
-        out_img, out_lbl = RandCrop(129)(image, label, np.random.default_rng(seed))
+        out_img, out_lbl = RandCrop(129, padding=IMAGENET_PIXEL)(image, label, np.random.default_rng(seed))
         assert out_img.shape == (129, 129, 3) and out_lbl.shape == (129, 129)
         assert out_img.flags.c_contiguous and out_lbl.flags.c_contiguous
         assert_aligned(out_img, out_lbl)
@@ -174,7 +176,7 @@ def test_crop_size_and_alignment(hw: tuple[int, int]) -> None:
 
 def test_crop_pads_split_around_the_centre() -> None:
     image, label = make_pair(60, 80, band=False)
-    out_img, out_lbl = RandCrop(129)(image, label, np.random.default_rng(0))
+    out_img, out_lbl = RandCrop(129, padding=IMAGENET_PIXEL)(image, label, np.random.default_rng(0))
     top, left = (129 - 60) // 2, (129 - 80) // 2  # 34, 24; the odd pixel goes after
     assert np.array_equal(out_lbl[top : top + 60, left : left + 80], label)
     assert np.array_equal(out_img[top : top + 60, left : left + 80], image)
@@ -197,29 +199,30 @@ def _corner_target() -> tuple[np.ndarray, np.ndarray]:
 def test_crop_retries_keep_the_target() -> None:
     image, label = _corner_target()
     total = int((label == 1).sum())
-    kept = [(RandCrop(129)(image, label, np.random.default_rng(s))[1] == 1).sum() / total for s in range(40)]
+    crop, first = RandCrop(129, padding=IMAGENET_PIXEL), RandCrop(129, padding=IMAGENET_PIXEL, retries=0)
+    kept = [(crop(image, label, np.random.default_rng(s))[1] == 1).sum() / total for s in range(40)]
     assert min(kept) >= 0.85
-    once = [(RandCrop(129, retries=0)(image, label, np.random.default_rng(s))[1] == 1).sum() / total for s in range(40)]
+    once = [(first(image, label, np.random.default_rng(s))[1] == 1).sum() / total for s in range(40)]
     assert sum(k < 0.85 for k in once) >= 10  # without retries most crops lose the target
 
 
 def test_crop_takes_the_last_draw_when_keeping_is_impossible() -> None:
     label = np.ones((300, 300), np.uint8)  # a 129 crop never holds 85% of it
     image = np.zeros((300, 300, 3), np.uint8)
-    out_img, out_lbl = RandCrop(129)(image, label, np.random.default_rng(0))
+    out_img, out_lbl = RandCrop(129, padding=IMAGENET_PIXEL)(image, label, np.random.default_rng(0))
     assert out_img.shape == (129, 129, 3) and np.all(out_lbl == 1)
 
 
 def test_crop_without_target_is_one_random_crop() -> None:
     image = np.random.default_rng(0).integers(0, 256, (200, 220, 3), dtype=np.uint8)
     label = np.zeros((200, 220), np.uint8)
-    crops = [RandCrop(129)(image, label, np.random.default_rng(s))[0] for s in range(4)]
+    crops = [RandCrop(129, padding=IMAGENET_PIXEL)(image, label, np.random.default_rng(s))[0] for s in range(4)]
     assert all(c.shape == (129, 129, 3) for c in crops)
     assert not all(np.array_equal(crops[0], c) for c in crops[1:])
     # a single draw: the crop is the window at (y, x) from the first two integers of the rng
     rng = np.random.default_rng(3)
     y, x = int(rng.integers(0, 72, size=1)[0]), int(rng.integers(0, 92, size=1)[0])
-    out, _ = RandCrop(129)(image, label, np.random.default_rng(3))
+    out, _ = RandCrop(129, padding=IMAGENET_PIXEL)(image, label, np.random.default_rng(3))
     assert np.array_equal(out, image[y : y + 129, x : x + 129])
 
 
@@ -429,14 +432,14 @@ def test_eval_is_deterministic_without_rng() -> None:
 
 MISMATCH_STEPS = [
     RandScale(),
-    RandRotate(p=1.0),
+    RandRotate(p=1.0, padding=IMAGENET_PIXEL),
     RandomGaussianBlur(p=1.0),
     RandomHorizontalFlip(p=1.0),
-    RandCrop(129),
+    RandCrop(129, padding=IMAGENET_PIXEL),
     TestResize(129),
     Resize(129),
     ToTensor(),
-    train_transform(AugmentConfig(), 129),
+    train_transform(AugmentConfig(), 129, IMAGENET_MEAN),
     eval_transform(129),
 ]
 
@@ -456,7 +459,7 @@ def test_check_size() -> None:
         with pytest.raises(ValueError, match="473"):
             check_size(size)
     with pytest.raises(ValueError):
-        train_transform(AugmentConfig(), 512)
+        train_transform(AugmentConfig(), 512, IMAGENET_MEAN)
     with pytest.raises(ValueError):
         eval_transform(500)
 
@@ -467,7 +470,7 @@ def test_mean_pixel() -> None:
 
 
 def test_compose_repr_lists_steps() -> None:
-    text = repr(train_transform(AugmentConfig(), 473))
+    text = repr(train_transform(AugmentConfig(), 473, IMAGENET_MEAN))
     for name in ("RandScale", "RandRotate", "RandomGaussianBlur", "RandomHorizontalFlip", "RandCrop", "ToTensor"):
         assert name in text
     assert isinstance(eval_transform(473), Compose)

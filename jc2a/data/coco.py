@@ -1,4 +1,4 @@
-"""COCO 2014 instances json + images -> label maps with COCO's fixed contiguous ids (SPEC §1 COCO-20i)."""
+"""COCO 2014 instances json + images -> label maps with COCO's fixed contiguous ids (docs/PROTOCOL.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from jc2a.data.records import IGNORE, SourceItem
+from jc2a.data.records import SourceItem
+from jc2a.errors import UserError
+from jc2a.labels import IGNORE_INDEX
 
 # The 80 real COCO 2014 categories: ids with their gaps (no 12, 26, 29, 30, 45, 66, 68, 69, 71, 83).
 COCO_CATEGORIES: list[dict] = [
@@ -65,21 +67,21 @@ def check_categories(categories: list, path: Path) -> None:
     listed: dict[int, str] = {}
     for cat in categories:
         if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
-            raise ValueError(f"{path}: category {str(cat)[:80]} has no integer 'id' and string 'name'")
+            raise UserError(f"{path}: category {str(cat)[:80]} has no integer 'id' and string 'name'")
         if cat["id"] in listed:
-            raise ValueError(f"{path}: category id {cat['id']} is listed twice")
+            raise UserError(f"{path}: category id {cat['id']} is listed twice")
         listed[cat["id"]] = cat["name"]
     for cat_id, name in listed.items():
         if cat_id not in _NAME_OF_ID:
-            raise ValueError(f"{path}: category id {cat_id} {name!r} is not one of COCO's 80 categories")
+            raise UserError(f"{path}: category id {cat_id} {name!r} is not one of COCO's 80 categories")
     for cat_id, name in listed.items():
         if name != _NAME_OF_ID[cat_id]:
-            raise ValueError(
+            raise UserError(
                 f"{path}: category id {cat_id} is named {name!r}, COCO's table says {_NAME_OF_ID[cat_id]!r}"
             )
     for cat_id, name in _NAME_OF_ID.items():
         if cat_id not in listed:
-            raise ValueError(f"{path}: category id {cat_id} {name!r} is missing")
+            raise UserError(f"{path}: category id {cat_id} {name!r} is missing")
 
 
 def read_instances(path: Path) -> dict:
@@ -87,16 +89,16 @@ def read_instances(path: Path) -> dict:
     try:
         data = json.loads(Path(path).read_bytes())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not a COCO instances file (not JSON: {exc})") from None
+        raise UserError(f"{path}: not a COCO instances file (not JSON: {exc})") from None
     keys = ("images", "annotations", "categories")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a COCO instances file (a JSON {type(data).__name__}, expected an object)")
+        raise UserError(f"{path}: not a COCO instances file (a JSON {type(data).__name__}, expected an object)")
     missing = [k for k in keys if k not in data]
     if missing:
-        raise ValueError(f"{path}: not a COCO instances file (no {', '.join(repr(k) for k in missing)})")
+        raise UserError(f"{path}: not a COCO instances file (no {', '.join(repr(k) for k in missing)})")
     for key in keys:
         if not isinstance(data[key], list):
-            raise ValueError(f"{path}: not a COCO instances file ({key!r} is a {type(data[key]).__name__}, not a list)")
+            raise UserError(f"{path}: not a COCO instances file ({key!r} is a {type(data[key]).__name__}, not a list)")
     check_categories(data["categories"], path)
     return data
 
@@ -205,7 +207,7 @@ def rasterize(image_info: dict, anns: list[dict], problems: Optional[list[str]] 
             things.append((int(mask.sum()), ann["id"], COCO_CONTIGUOUS[ann["category_id"]], mask))
     for _, _, class_id, mask in sorted(things, key=lambda t: (-t[0], t[1])):
         label[mask] = class_id
-    label[crowd & (label == 0)] = IGNORE
+    label[crowd & (label == 0)] = IGNORE_INDEX
     return label
 
 

@@ -1,6 +1,6 @@
 """Few-shot episodes from shards: the streaming training sampler, the fixed seeded evaluation list, the bank pass.
 
-An episode is a dict (SPEC §1 Episodes):
+An episode is a dict (docs/PROTOCOL.md):
     query_img [3,S,S] uint8, query_mask [S,S] uint8 (0/1/255), support_imgs [K,3,S,S] uint8,
     support_masks [K,S,S] uint8, class_id int, query_key / support_keys (record keys);
     evaluation adds query_label [h,w] uint8 (the original-size binary label, 0/1/255) and `episode` (its position).
@@ -33,9 +33,11 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from jc2a.config import DataConfig
 from jc2a.data.locations import ShardSet
-from jc2a.data.records import IGNORE, RecordError, binarize, decode_record
-from jc2a.data.transforms import IMAGENET_MEAN, eval_transform, train_transform
+from jc2a.data.records import binarize, decode_record
+from jc2a.data.transforms import eval_transform, train_transform
+from jc2a.errors import RecordError, StreamError, UserError
 from jc2a.folds import base_classes, novel_classes
+from jc2a.labels import IGNORE_INDEX
 
 log = logging.getLogger("jc2a.data")
 
@@ -43,10 +45,6 @@ PROTOCOLS = ("pfenet", "hsnet")
 
 # SeedSequence spawn keys: one independent stream per purpose, so no two purposes ever share a generator.
 _KEY_SHARDS, _KEY_SHUFFLE, _KEY_CLASS, _KEY_POOL, _KEY_EPISODE = range(5)
-
-
-class StreamError(RuntimeError):
-    """A stream that cannot go on (nothing readable, no episode can be formed); one line naming split and place."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +151,7 @@ def eval_episode_list(
             shards.index_url, dropped, shot + 1, min_pixels,
         )  # fmt: skip
     if not kept:
-        raise ValueError(
+        raise UserError(
             f"{shards.index_url}: no class of {sorted(fold)} has {shot + 1} images with >= {min_pixels} pixels"
         )
     draw = _rng([seed], _KEY_CLASS)
@@ -180,7 +178,7 @@ def eval_episode_list(
     ]
     queries = [(i, cands) for i, cands in queries if cands]
     if not queries:
-        raise ValueError(f"{shards.index_url}: no image can be a query of {sorted(fold)} with {shot} supports")
+        raise UserError(f"{shards.index_url}: no image can be a query of {sorted(fold)} with {shot} supports")
     while len(out) < episodes:
         for position, candidates in queries:
             if len(out) == episodes:
@@ -281,8 +279,8 @@ class BankImages(Dataset):
         except RecordError as exc:
             log.warning("CKMM bank: skipped %s", exc)
             size = self.transform.transforms[0].size
-            blank = torch.zeros(3, size, size, dtype=torch.uint8), torch.full((size, size), IGNORE, dtype=torch.uint8)
-            return {"image": blank[0], "label": blank[1], "classes": [], "key": key, "skipped": 1}
+            image, label = torch.zeros(3, size, size, dtype=torch.uint8), torch.full((size, size), IGNORE_INDEX)
+            return {"image": image, "label": label.to(torch.uint8), "classes": [], "key": key, "skipped": 1}
         image, label = self.transform(image, label)
         return {"image": image, "label": label, "classes": list(classes), "key": key, "skipped": 0}
 
@@ -632,7 +630,7 @@ def _own_generator() -> torch.Generator:
 
 def _loader_threads(workers: int) -> None:
     """One cv2 thread in loader workers: set before they fork (cv2.setNumThreads inside a forked worker can
-    hang, ENV.md); PyTorch already gives each worker one torch thread."""
+    hang); PyTorch already gives each worker one torch thread."""
     if workers > 0:
         cv2.setNumThreads(1)
 
@@ -648,7 +646,7 @@ def train_loader(
     data: DataConfig,
     seed: int,
     batch_size: int,
-    mean: Sequence[float] = IMAGENET_MEAN,
+    mean: Sequence[float],
     rank: Optional[int] = None,
     world: Optional[int] = None,
     shards: Optional[ShardSet] = None,
@@ -698,7 +696,7 @@ def epoch_episodes(data: DataConfig, shards: ShardSet) -> int:
     else:
         count = len(images)
     if count == 0:
-        raise ValueError(
+        raise UserError(
             f"{shards.index_url}: no training image of fold {data.fold} has a base class with "
             f">= {data.min_pixels} pixels"
         )
@@ -727,7 +725,7 @@ def eval_loader(
     shards: Optional[ShardSet] = None,
     episodes: Optional[int] = None,
 ) -> DataLoader:
-    """A rank's share of the fold's evaluation episodes for list `seed` (novel classes, SPEC §1); `episodes`
+    """A rank's share of the fold's evaluation episodes for list `seed` (novel classes, docs/PROTOCOL.md); `episodes`
     overrides `data.eval_episodes` (validation takes a prefix of the list)."""
     shards = shards or open_shards(data, data.val_split)
     episode_list = eval_list(data, shards, seed, episodes)
@@ -753,5 +751,5 @@ def label_masks(label: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     """Binary targets `[N, H, W]` uint8 (1 class, 0 other, 255 ignore) of one label `[H, W]` for each class."""
     ids = torch.as_tensor(list(classes), dtype=label.dtype, device=label.device).view(-1, 1, 1)
     out = (label.unsqueeze(0) == ids).to(torch.uint8)
-    out[(label == IGNORE).unsqueeze(0).expand_as(out)] = IGNORE
+    out[(label == IGNORE_INDEX).unsqueeze(0).expand_as(out)] = IGNORE_INDEX
     return out

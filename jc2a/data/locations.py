@@ -36,6 +36,7 @@ import braceexpand
 import numpy as np
 
 from jc2a.data.shards import MEMBERS, READABLE_FORMATS, check_split, index_name, read_complete_shard, shard_pattern
+from jc2a.errors import MissingPackage, RemoteError, UserError
 
 _SHARD = re.compile(r"([A-Za-z0-9_]+)-(\{[^}]*\}|\d{6})\.tar")
 _REMOTE = ("http://", "https://", "pipe:", "gs://", "s3://")
@@ -47,10 +48,6 @@ BACKOFF = 0.5  # seconds before the first retry of a remote read; doubled for ea
 CACHE_MAX_GB = 50.0  # default bound on the cache of remote shards (`JC2A_CACHE_MAX_GB`)
 _MEMBER_SET = frozenset(MEMBERS)
 _IN_USE: Counter = Counter()  # cached shard files open in this process: never evicted
-
-
-class RemoteError(OSError):
-    """A remote read that failed every try (or answered with something that is not the file): names the URL."""
 
 
 def is_remote(url: str) -> bool:
@@ -80,11 +77,11 @@ def resolve(location: str, split: str) -> tuple[str, list[str]]:
     match = _SHARD.search(location)
     if match:
         if match.group(1) != split:
-            raise ValueError(f"shard pattern {location!r} is for split {match.group(1)!r}, not {split!r}")
+            raise UserError(f"shard pattern {location!r} is for split {match.group(1)!r}, not {split!r}")
         index = location[: match.start()] + index_name(split) + location[match.end() :]
         return index, list(braceexpand.braceexpand(location))
     if location.startswith("pipe:"):
-        raise ValueError(
+        raise UserError(
             f"{location!r}: a pipe: location needs {SHARD_SLOT} where the file name goes "
             f"(pipe:aws s3 cp s3://bucket/coco/{SHARD_SLOT} -) or an explicit shard pattern"
         )
@@ -97,10 +94,6 @@ def resolve(location: str, split: str) -> tuple[str, list[str]]:
 
 class _Permanent(OSError):
     """A failure that a retry would not change (an HTTP 404, say)."""
-
-
-class MissingPackage(RemoteError):
-    """A location whose fsspec filesystem is not installed (`s3://` without s3fs, say): names the package."""
 
 
 def _run(url: str, dst: BinaryIO, timeout: float) -> None:
@@ -219,35 +212,35 @@ def check_index(index: object, url: str, split: str) -> None:
     must point into a listed shard with members among json/jpg/png at non-negative offsets.
     """
     if not isinstance(index, dict):
-        raise ValueError(f"{url}: not a shard index (a JSON {type(index).__name__})")
+        raise UserError(f"{url}: not a shard index (a JSON {type(index).__name__})")
     if index.get("format") not in READABLE_FORMATS:
-        raise ValueError(f"{url}: format {index.get('format')!r}, expected one of {list(READABLE_FORMATS)}")
+        raise UserError(f"{url}: format {index.get('format')!r}, expected one of {list(READABLE_FORMATS)}")
     if index.get("split", split) != split:
-        raise ValueError(f"{url}: an index of split {index.get('split')!r}, not {split!r}")
+        raise UserError(f"{url}: an index of split {index.get('split')!r}, not {split!r}")
     if not isinstance(index.get("dataset"), str) or not isinstance(index.get("classes"), dict):
-        raise ValueError(f"{url}: no 'dataset' name or 'classes' table")
+        raise UserError(f"{url}: no 'dataset' name or 'classes' table")
     names = shard_pattern(split)
     shards, records = index.get("shards"), index.get("records")
     if not isinstance(shards, list) or not isinstance(records, list):
-        raise ValueError(f"{url}: no 'shards' and 'records' lists")
+        raise UserError(f"{url}: no 'shards' and 'records' lists")
     for shard in shards:
         name = shard.get("name") if isinstance(shard, dict) else None
         if not isinstance(name, str) or not names.fullmatch(name):
-            raise ValueError(f"{url}: shard name {str(name)[:80]!r} is not of the form {split}-NNNNNN.tar; refused")
+            raise UserError(f"{url}: shard name {str(name)[:80]!r} is not of the form {split}-NNNNNN.tar; refused")
         sha = shard.get("sha256")
         if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
-            raise ValueError(f"{url}: shard {name} has a malformed sha256")
+            raise UserError(f"{url}: shard {name} has a malformed sha256")
         if shard.get("bytes") is not None and not (_is_int(shard["bytes"]) and shard["bytes"] >= 0):
-            raise ValueError(f"{url}: shard {name} has a malformed byte size")
+            raise UserError(f"{url}: shard {name} has a malformed byte size")
     if len({s["name"] for s in shards}) != len(shards):
-        raise ValueError(f"{url}: a shard is listed twice")
+        raise UserError(f"{url}: a shard is listed twice")
     for i, record in enumerate(records):
         problem = _index_record_problem(record, len(shards))
         if problem:
-            raise ValueError(f"{url}: record {i} {problem}; refused")
+            raise UserError(f"{url}: record {i} {problem}; refused")
     for key, name in index["classes"].items():
         if not key.isdigit() or not isinstance(name, str):
-            raise ValueError(f"{url}: class {key!r} -> {str(name)[:40]!r} is not an id -> name pair")
+            raise UserError(f"{url}: class {key!r} -> {str(name)[:40]!r} is not an id -> name pair")
 
 
 def _index_record_ok(record: object, shards: int) -> bool:
@@ -297,7 +290,7 @@ def cache_limit() -> int:
     except ValueError:
         gb = -1.0
     if not gb >= 0:
-        raise ValueError(f"JC2A_CACHE_MAX_GB={text!r}: expected a number of GB >= 0")
+        raise UserError(f"JC2A_CACHE_MAX_GB={text!r}: expected a number of GB >= 0")
     return int(gb * 2**30)
 
 
@@ -381,11 +374,11 @@ class ShardSet:
         try:
             self.index = json.loads(raw)
         except ValueError:
-            raise ValueError(f"{self.index_url}: not a JSON shard index") from None
+            raise UserError(f"{self.index_url}: not a JSON shard index") from None
         check_index(self.index, self.index_url, split)
         self.dataset = DATASETS.get(self.index["dataset"], self.index["dataset"])
         if dataset is not None and self.dataset != DATASETS.get(dataset, dataset):
-            raise ValueError(
+            raise UserError(
                 f"{self.index_url}: the shards hold dataset {self.index['dataset']!r}, the config says {dataset!r}"
             )
         names = [s["name"] for s in self.index["shards"]]
@@ -393,7 +386,7 @@ class ShardSet:
             by_name = {shard_basename(u): u for u in explicit}
             missing = [n for n in names if n not in by_name]
             if missing:
-                raise ValueError(
+                raise UserError(
                     f"{self.location}: pattern does not cover shard {missing[0]} listed in {self.index_url}"
                 )
             self.urls = [by_name[n] for n in names]
@@ -439,7 +432,7 @@ class ShardSet:
         if not is_remote(url):
             path = Path(url)
             if _is_int(info.get("bytes")) and path.is_file() and path.stat().st_size != info["bytes"]:
-                raise ValueError(
+                raise UserError(
                     f"{path}: {path.stat().st_size} bytes, {self.index_url} says {info['bytes']}: "
                     "the shard changed after its index was written"
                 )
@@ -466,20 +459,20 @@ class ShardSet:
         size = f.seek(0, os.SEEK_END)
         if "sha256" in info:
             if size != info["bytes"]:
-                raise ValueError(f"got {size} bytes, the index says {info['bytes']}")
+                raise UserError(f"got {size} bytes, the index says {info['bytes']}")
             f.seek(0)
             digest = hashlib.sha256()
             for block in iter(lambda: f.read(2**20), b""):
                 digest.update(block)
             if digest.hexdigest() != info["sha256"]:
-                raise ValueError("the download's sha256 differs from the index's")
+                raise UserError("the download's sha256 differs from the index's")
             return
         try:
             keys = {e["key"] for e in read_complete_shard(Path(f.name), shard)}
         except ValueError as exc:
-            raise ValueError(f"the download is not a complete shard ({exc})") from None
+            raise UserError(f"the download is not a complete shard ({exc})") from None
         if keys != {r["key"] for r in self.records if r["shard"] == shard}:
-            raise ValueError("the download's records differ from the ones the index lists")
+            raise UserError("the download's records differ from the ones the index lists")
 
     def read(self, position: int) -> dict:
         """The raw sample of record `position`: `__key__`, `__url__`, `jpg`, `png`, `json` bytes."""

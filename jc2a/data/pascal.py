@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 + SBD (`SegmentationClassAug`) -> label maps, with PFENet's train/val split (SPEC §1)."""
+"""PASCAL VOC 2012 + SBD (`SegmentationClassAug`) -> label maps, with PFENet's train/val split (docs/PROTOCOL.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from jc2a.data.records import IGNORE, SourceItem
+from jc2a.data.records import SourceItem
+from jc2a.errors import UserError
+from jc2a.labels import IGNORE_INDEX
 
 # The dataset's own class order: label value i is VOC_CLASSES[i - 1].
 VOC_CLASSES = (
@@ -33,8 +35,12 @@ def read_list(path: Path) -> list[str]:
     """Image ids of a list file: one id a line (`2007_000032`) or PFENet's `JPEGImages/x.jpg Seg.../x.png` pairs."""
     if not path.is_file():
         raise FileNotFoundError(f"image list not found: {path}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not an image list (not UTF-8 text: byte {exc.start})") from None
     ids = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line:
             ids.append(Path(line.split()[0]).stem)
@@ -53,11 +59,11 @@ def read_label(path: Path) -> np.ndarray:
     """A VOC label PNG (grayscale or palette indices) -> `uint8 [H, W]`, checked to hold 0..20 and 255."""
     with Image.open(path) as im:
         if im.mode not in ("L", "P"):
-            raise ValueError(f"{path}: label PNG must be single-channel (L or P), got mode {im.mode}")
+            raise UserError(f"{path}: label PNG must be single-channel (L or P), got mode {im.mode}")
         label = np.array(im, dtype=np.uint8)
-    bad = np.setdiff1d(np.unique(label), np.r_[0 : len(VOC_CLASSES) + 1, IGNORE])
+    bad = np.setdiff1d(np.unique(label), np.r_[0 : len(VOC_CLASSES) + 1, IGNORE_INDEX])
     if bad.size:
-        raise ValueError(f"{path}: label values {bad.tolist()} outside 0..20 and 255")
+        raise UserError(f"{path}: label values {bad.tolist()} outside 0..20 and 255")
     return label
 
 

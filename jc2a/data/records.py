@@ -10,7 +10,8 @@ from typing import Callable, Optional
 import cv2
 import numpy as np
 
-IGNORE = 255  # label value that is never scored
+from jc2a.errors import RecordError
+from jc2a.labels import IGNORE_INDEX
 
 
 @dataclass
@@ -31,10 +32,6 @@ class SourceItem:
     size: Optional[tuple[int, int]] = None
     error: Optional[str] = None
     problems: list[str] = field(default_factory=list)
-
-
-class RecordError(ValueError):
-    """A record that cannot be read: its message names the key (and shard where known)."""
 
 
 def _is_bytes(data: object) -> bool:
@@ -79,7 +76,7 @@ def encode_label(label: np.ndarray) -> bytes:
 def class_pixels(label: np.ndarray) -> dict[int, int]:
     """Pixel count of every class present (0 and 255 excluded)."""
     counts = np.bincount(label.ravel(), minlength=256)
-    return {int(c): int(counts[c]) for c in np.flatnonzero(counts) if c not in (0, IGNORE)}
+    return {int(c): int(counts[c]) for c in np.flatnonzero(counts) if c not in (0, IGNORE_INDEX)}
 
 
 def header(label: np.ndarray, source: str) -> dict:
@@ -95,7 +92,7 @@ def header(label: np.ndarray, source: str) -> dict:
 def binarize(label: np.ndarray, class_id: int) -> np.ndarray:
     """Episode target for `class_id`: the class -> 1, 255 stays 255, everything else -> 0."""
     out = (label == class_id).astype(np.uint8)
-    out[label == IGNORE] = IGNORE
+    out[label == IGNORE_INDEX] = IGNORE_INDEX
     return out
 
 

@@ -1,4 +1,4 @@
-"""Write a source dataset as webdataset shards plus an index: atomic, resumable, size-bounded (SPEC §1 Shards).
+"""Write a source dataset as webdataset shards plus an index: atomic, resumable, size-bounded (docs/PROTOCOL.md).
 
 Layout of one split in `out/`:
     <split>-000000.tar, <split>-000001.tar, ...   plain webdataset tars, members <key>.json/.jpg/.png
@@ -7,7 +7,6 @@ Layout of one split in `out/`:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -25,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from jc2a.data.records import SourceItem, class_pixels, decode_label, encode_label, header
+from jc2a.errors import ShardWriteError, UserError
 
 INDEX_FORMAT = "jc2a-shards/2"  # 2: every shard's bytes and sha256
 READABLE_FORMATS = ("jc2a-shards/1", INDEX_FORMAT)
@@ -32,14 +32,10 @@ MEMBERS = ("json", "jpg", "png")  # order inside a record
 _SPLIT = re.compile(r"[A-Za-z0-9_]+")
 
 
-class ShardWriteError(OSError):
-    """Writing failed (disk full, unwritable): one line naming the path; the complete shards stay."""
-
-
 def check_split(split: str) -> str:
     """`split` if it is a plain name (`[A-Za-z0-9_]+`), else a ValueError: it becomes part of file names."""
     if not isinstance(split, str) or not _SPLIT.fullmatch(split):
-        raise ValueError(f"split {split!r} must be a plain name of letters, digits and '_'")
+        raise UserError(f"split {split!r} must be a plain name of letters, digits and '_'")
     return split
 
 
@@ -117,7 +113,7 @@ def read_shard_entries(path: Path, shard: int) -> list[dict]:
                 entry["size"] = [meta["height"], meta["width"]]
     for key, entry in entries.items():
         if set(entry["offsets"]) != set(MEMBERS):
-            raise ValueError(f"{path}: record {key} has members {sorted(entry['offsets'])}, expected {list(MEMBERS)}")
+            raise UserError(f"{path}: record {key} has members {sorted(entry['offsets'])}, expected {list(MEMBERS)}")
     return list(entries.values())
 
 
@@ -160,9 +156,9 @@ def verify_shard(path: Path, shard: int, recorded: Optional[dict] = None) -> lis
     if recorded is not None and recorded.get("sha256"):
         size = path.stat().st_size
         if size != recorded.get("bytes"):
-            raise ValueError(f"{size} bytes, the earlier index says {recorded.get('bytes')}")
+            raise UserError(f"{size} bytes, the earlier index says {recorded.get('bytes')}")
         if sha256_file(path) != recorded["sha256"]:
-            raise ValueError("its sha256 differs from the earlier index's")
+            raise UserError("its sha256 differs from the earlier index's")
         return read_shard_entries(path, shard)
     entries = read_complete_shard(path, shard)
     problem = None
@@ -174,7 +170,7 @@ def verify_shard(path: Path, shard: int, recorded: Optional[dict] = None) -> lis
                 members[ext] = f.read(size)
             problem = _record_problem(members, entry)
             if problem:
-                raise ValueError(problem)
+                raise UserError(problem)
     return entries
 
 
@@ -185,13 +181,13 @@ def read_complete_shard(path: Path, shard: int) -> list[dict]:
         with tarfile.open(path, "r:") as tar:
             members = tar.getmembers()
     except (tarfile.TarError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"not a readable shard ({exc})") from None
+        raise UserError(f"not a readable shard ({exc})") from None
     if not entries:
-        raise ValueError("no records")
+        raise UserError("no records")
     last = members[-1]
     problem = _end_problem(path, last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
     if problem:
-        raise ValueError(problem)
+        raise UserError(problem)
     return entries
 
 
@@ -232,7 +228,7 @@ def _check_image(data: bytes, path: Path) -> tuple[int, int]:
             im.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # DCT scaling: reads all, decodes less
             im.load()
     except Exception as exc:  # PIL raises many types for broken files
-        raise ValueError(f"unreadable image: {path} ({exc})") from None
+        raise UserError(f"unreadable image: {path} ({exc})") from None
     return height, width
 
 
@@ -293,13 +289,13 @@ def _shard_info(path: Path, name: str, records: int) -> dict:
 def _output_folder(out: Path) -> Path:
     """`out`, created if absent; ValueError naming it when it is a file or cannot be written."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: the output folder is a file")
+        raise UserError(f"{out}: the output folder is a file")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+        raise UserError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
     if not os.access(out, os.W_OK | os.X_OK):
-        raise ValueError(f"{out}: the output folder is not writable")
+        raise UserError(f"{out}: the output folder is not writable")
     return out
 
 
@@ -359,7 +355,7 @@ def write_shards(
     summary.images = len(items)
     foreign = done - {item.key for item in items}
     if foreign:  # refused before anything of the earlier run is removed
-        raise ValueError(
+        raise UserError(
             f"{out}: the existing {split} shards hold {len(foreign)} records this source does not list "
             f"(e.g. {sorted(foreign)[0]}); write to a fresh --out folder"
         )
@@ -407,17 +403,17 @@ def write_shards(
 def _record_members(item: SourceItem) -> dict[str, bytes]:
     """The jpg (original bytes), png and json members of one item; ValueError naming the file if bad."""
     if not item.image_path.is_file():
-        raise ValueError(f"image not found: {item.image_path}")
+        raise UserError(f"image not found: {item.image_path}")
     data = item.image_path.read_bytes()
     height, width = _check_image(data, item.image_path)
     if item.size is not None and tuple(item.size) != (height, width):
-        raise ValueError(
+        raise UserError(
             f"size mismatch: {item.image_path} is {width}x{height} but the annotations say "
             f"{item.size[1]}x{item.size[0]}"
         )
     label = item.label()
     if label.shape != (height, width):
-        raise ValueError(
+        raise UserError(
             f"size mismatch: label of {item.source} is {label.shape[1]}x{label.shape[0]} but image {width}x{height}"
         )
     meta = header(label, item.source)
@@ -454,83 +450,3 @@ def _write_index(
             f"{path}: cannot write the index ({exc.strerror or exc}); the shards are complete"
         ) from None
     return path
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
-    coco = sub.add_parser("coco", help="COCO 2014 instances json + images")
-    coco.add_argument("--root", type=Path, help="COCO folder with train2014/, val2014/, annotations/ (both splits)")
-    coco.add_argument("--images", type=Path, help="one image folder, e.g. train2014/")
-    coco.add_argument("--annotations", type=Path, help="its instances json")
-    coco.add_argument(
-        "--split", type=_split_arg, help="shard name prefix (default: 'train' or 'val' from the folder name)"
-    )
-    coco.add_argument("--out", type=Path, default=Path("shards/coco"))
-    pascal = sub.add_parser("pascal", help="VOC 2012 + SBD SegmentationClassAug")
-    pascal.add_argument("--root", type=Path, required=True, help="folder with JPEGImages/ and SegmentationClassAug/")
-    pascal.add_argument(
-        "--train-list",
-        type=Path,
-        help="image ids; default PFENet's list shipped with jc2a: 5,953 ids, VOC 2012 train + SBD without duplicates "
-        "(SBD's train_aug.txt, 10,582 ids, is HSNet's choice)",
-    )
-    pascal.add_argument(
-        "--val-list", type=Path, help="image ids; default PFENet's list shipped with jc2a: 1,449 ids, VOC 2012 val"
-    )
-    pascal.add_argument("--split", choices=("train", "val", "both"), default="both")
-    pascal.add_argument("--out", type=Path, default=Path("shards/pascal"))
-    for p in (coco, pascal):
-        p.add_argument("--max-shard-mb", type=float, default=256.0, help="bound on one shard's size (MB)")
-        p.add_argument("--no-progress", action="store_true")
-
-
-def _split_arg(text: str) -> str:
-    try:
-        return check_split(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _coco_jobs(args: argparse.Namespace) -> list[tuple[str, object]]:
-    from jc2a.data.coco import CocoSource
-
-    if args.root is not None:
-        if args.images or args.annotations:
-            raise ValueError("give either --root or --images/--annotations, not both")
-        return [
-            (split, CocoSource(args.root / f"{split}2014", args.root / "annotations" / f"instances_{split}2014.json"))
-            for split in ("train", "val")
-        ]
-    if args.images is None or args.annotations is None:
-        raise ValueError("coco needs --root, or both --images and --annotations")
-    split = args.split or ("val" if "val" in args.images.name else "train")
-    return [(split, CocoSource(args.images, args.annotations))]
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.dataset == "coco":
-        jobs = _coco_jobs(args)
-    else:
-        from jc2a.data.pascal import PascalSource
-
-        splits = ("train", "val") if args.split == "both" else (args.split,)
-        jobs = [(s, PascalSource(args.root, s, args.train_list, args.val_list)) for s in splits]
-    for split, source in jobs:
-        try:
-            summary = write_shards(
-                source,
-                args.out,
-                split,
-                args.dataset,
-                source.class_names,
-                max_shard_bytes=int(args.max_shard_mb * 2**20),
-                progress=not args.no_progress,
-            )
-        except ShardWriteError as exc:  # the command line reports ValueErrors as one line
-            raise ValueError(str(exc)) from None
-        print("\n".join(summary.lines()))
-    print(f"shards and indexes in {args.out}")
-    return 0

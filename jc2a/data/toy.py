@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import json
 import math
@@ -16,6 +15,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from jc2a.data.coco import COCO_CATEGORIES
+from jc2a.errors import UserError
 
 # The 20 PASCAL VOC classes in label order: 1 aeroplane ... 20 tvmonitor.
 VOC_CLASSES: list[str] = [
@@ -374,7 +374,7 @@ def draw_image(
     `_MIN_OBJECT_PIXELS`), and the layout is redrawn (up to 5 times) until each one stays visible; a repeated
     class is a small second instance (2-6%). Returns the image `uint8 [H, W, 3]` and its objects in painting
     order: the crowd region first, then the objects by decreasing mask area, so a smaller overlapping object
-    stays visible (the order the COCO rasteriser of SPEC §1 paints in). Each object's mask is its full outline,
+    stays visible (the order the COCO rasteriser of docs/PROTOCOL.md paints in). Each object's mask is its full outline,
     occluded parts included.
     """
     height, width = _image_size(rng, size)
@@ -417,7 +417,7 @@ def plan_split(
     per_class = min(min_images, _MAX_OBJECTS * filled // num_classes)
     if per_class < 1:
         need = math.ceil(num_classes / _MAX_OBJECTS) + n_empty
-        raise ValueError(f"{num_images} images cannot show all {num_classes} classes: use at least {need}")
+        raise UserError(f"{num_images} images cannot show all {num_classes} classes: use at least {need}")
     counts = rng.choice(np.arange(1, _MAX_OBJECTS + 1), size=filled, p=[0.2, 0.35, 0.3, 0.15])
     while counts.sum() < per_class * num_classes:  # add objects to random images until every class fits
         counts[rng.choice(np.flatnonzero(counts < _MAX_OBJECTS))] += 1
@@ -603,9 +603,9 @@ def write_toy_voc(
 
 def _check_sizes(train_images: int, val_images: int, size: int) -> None:
     if train_images < 1 or val_images < 1:
-        raise ValueError(f"--train-images and --val-images must be positive, got {train_images}, {val_images}")
+        raise UserError(f"--train-images and --val-images must be positive, got {train_images}, {val_images}")
     if size < 32:
-        raise ValueError(f"--size must be at least 32 pixels, got {size}")
+        raise UserError(f"--size must be at least 32 pixels, got {size}")
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -613,38 +613,3 @@ def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 7. Command line: `jc2a toy --out DIR`
-# ---------------------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `jc2a toy`."""
-    parser.add_argument("--out", type=Path, required=True, help="folder to write the dataset into")
-    parser.add_argument(
-        "--format",
-        choices=("coco", "voc"),
-        default="coco",
-        help="COCO 2014 (80 categories) or VOC 2012 + SBD SegmentationClassAug (20 classes)",
-    )
-    parser.add_argument("--train-images", type=int, default=160, help="images in the train split (default 160)")
-    parser.add_argument("--val-images", type=int, default=80, help="images in the val split (default 80)")
-    parser.add_argument(
-        "--size",
-        type=int,
-        default=160,
-        help="nominal image side; width and height vary in [0.75, 1.25] x size (default 160)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default 0)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Write the toy dataset and print a one-line summary."""
-    writer = write_toy_coco if args.format == "coco" else write_toy_voc
-    s = writer(args.out, args.train_images, args.val_images, args.size, args.seed, progress=True)
-    print(
-        f"toy {s['format']}: {s['images']} images ({s['splits']['train']['images']} train, "
-        f"{s['splits']['val']['images']} val), {s['instances']} instances ({s['multi_polygon']} multi-polygon), "
-        f"{s['crowd']} crowd regions, {s['empty']} empty images -> {s['out']}"
-    )
-    return 0

@@ -8,15 +8,13 @@ import cv2
 import numpy as np
 import torch
 
+from jc2a.labels import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from jc2a.config import AugmentConfig
 
 __all__ = [
-    "IGNORE",
-    "IMAGENET_MEAN",
-    "IMAGENET_PIXEL",
-    "IMAGENET_STD",
-    "Compose",
+        "Compose",
     "RandCrop",
     "RandRotate",
     "RandScale",
@@ -35,9 +33,6 @@ __all__ = [
     "train_transform",
 ]
 
-IGNORE = 255  # label value of pixels that are never scored
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Transform(Protocol):
@@ -64,7 +59,6 @@ def mean_pixel(mean: Sequence[float]) -> tuple[int, int, int]:
     return r, g, b
 
 
-IMAGENET_PIXEL = mean_pixel(IMAGENET_MEAN)  # (124, 116, 104), the default padding colour
 
 
 def _range(name: str, values: Sequence[float]) -> tuple[float, float]:
@@ -145,8 +139,9 @@ class RandRotate:
         self,
         rotate: Sequence[float] = (-10.0, 10.0),
         p: float = 0.5,
-        padding: Sequence[int] = IMAGENET_PIXEL,
-        ignore: int = IGNORE,
+        *,
+        padding: Sequence[int],
+        ignore: int = IGNORE_INDEX,
     ) -> None:
         self.rotate = _range("RandRotate rotate", rotate)
         self.p = _probability("RandRotate", p)
@@ -227,8 +222,9 @@ class RandCrop:
     def __init__(
         self,
         size: int,
-        padding: Sequence[int] = IMAGENET_PIXEL,
-        ignore: int = IGNORE,
+        *,
+        padding: Sequence[int],
+        ignore: int = IGNORE_INDEX,
         retries: int = 30,
         keep: float = 0.85,
     ) -> None:
@@ -322,7 +318,7 @@ class Resize:
     normalises it.
     """
 
-    def __init__(self, size: int, ignore: int = IGNORE, upscale: bool = True) -> None:
+    def __init__(self, size: int, ignore: int = IGNORE_INDEX, upscale: bool = True) -> None:
         self.size = check_size(size)
         self.ignore = int(ignore)
         self.upscale = bool(upscale)
@@ -355,7 +351,7 @@ class TestResize(Resize):
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, size: int, ignore: int = IGNORE) -> None:
+    def __init__(self, size: int, ignore: int = IGNORE_INDEX) -> None:
         super().__init__(size, ignore, upscale=False)
 
 
@@ -404,8 +400,8 @@ class Compose:
 # --------------------------------------------------------------------------- pipelines
 
 
-def train_transform(augment: AugmentConfig, size: int, mean: Sequence[float] = IMAGENET_MEAN) -> Compose:
-    """PFENet's training pipeline (SPEC §1 Transforms), called as `t(image, label, rng)`.
+def train_transform(augment: AugmentConfig, size: int, mean: Sequence[float]) -> Compose:
+    """PFENet's training pipeline (docs/PROTOCOL.md), called as `t(image, label, rng)`.
 
     RandScale -> RandRotate -> GaussianBlur 5x5 -> HFlip -> RandCrop -> ToTensor; image `[H,W,3]` uint8 and
     label `[H,W]` (0/1/255) in, `[3,S,S]` uint8 and `[S,S]` uint8 out. `augment` is `data.augment`, `size` the
@@ -416,10 +412,10 @@ def train_transform(augment: AugmentConfig, size: int, mean: Sequence[float] = I
     return Compose(
         [
             RandScale(augment.scale),
-            RandRotate(augment.rotate, p=augment.rotate_p, padding=pad, ignore=IGNORE),
+            RandRotate(augment.rotate, p=augment.rotate_p, padding=pad, ignore=IGNORE_INDEX),
             RandomGaussianBlur(radius=5, p=augment.blur_p),
             RandomHorizontalFlip(p=augment.flip_p),
-            RandCrop(size, padding=pad, ignore=IGNORE, retries=augment.crop_retries, keep=augment.crop_keep),
+            RandCrop(size, padding=pad, ignore=IGNORE_INDEX, retries=augment.crop_retries, keep=augment.crop_keep),
             ToTensor(),
         ]
     )

@@ -58,10 +58,6 @@ class Attention(nn.Module):
         `acc` `[B, C, N]` when one is given (a sum of alignments without a temporary)."""
         raise NotImplementedError
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, w_v: Optional[Tensor] = None) -> Tensor:
-        """Align the values `W_V v` to query points: q `[B, C, N]`, k/v `[B, C, J, S]` -> `[B, C, N]`."""
-        return self.align(q, self.context(k, v, w_v))
-
 
 class LinearAttention(Attention):
     """Linear attention, Eq. 2: `Phi(Q) (Psi(K)^T V)`, with `Psi` = softmax over the S key positions.

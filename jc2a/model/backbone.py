@@ -1,4 +1,4 @@
-"""A timm CNN as a four-stage, stride-8 feature extractor with its own input normalisation (SPEC §2 Backbone)."""
+"""A timm CNN as a four-stage, stride-8 feature extractor with its own input normalisation (docs/PROTOCOL.md)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import FeatureDictNet
 from torch import Tensor, nn
+
+from jc2a.errors import UserError
 
 __all__ = [
     "BACKBONE_VARIANTS",
@@ -33,8 +36,8 @@ log = logging.getLogger(__name__)
 
 OUT_INDICES = (1, 2, 3, 4)  # layer1..layer4 of a ResNet; the four stages after the stem in general
 OUTPUT_STRIDE = 8
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # timm's, the one source
+IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
 
 Triple = tuple[float, float, float]
 
@@ -211,7 +214,7 @@ class Backbone(nn.Module):
 
     def _split_modules(self) -> tuple[list[tuple[str, nn.Module]], list[nn.Module]]:
         if self._layer4_start is None:
-            raise ValueError(
+            raise UserError(
                 f"backbone {self.name!r} cannot run its last stage apart from the first three (only timm "
                 f"FeatureListNet-style models such as ResNets and RegNets can); PFENet's prior needs it"
             )
@@ -292,7 +295,7 @@ def weights_source(name: str, pretrained: bool) -> str:
         return "random init"
     if name in BACKBONE_VARIANTS:
         source = BACKBONE_VARIANTS[name].source
-        raise ValueError(
+        raise UserError(
             f"backbone {name!r} has no hub weights: convert PFENet's {source} with `jc2a convert-weights {source} "
             f"{name}.safetensors` and pass model.backbone.weights={name}.safetensors "
             f"(or model.backbone.pretrained=false for a random init)"
@@ -302,7 +305,7 @@ def weights_source(name: str, pretrained: bool) -> str:
     try:
         cfg = get_pretrained_cfg(name)
     except RuntimeError as exc:  # an unknown pretrained tag of a known architecture
-        raise ValueError(f"backbone {name!r}: {exc}") from None
+        raise UserError(f"backbone {name!r}: {exc}") from None
     architecture = name.split(".")[0]
     if cfg is None:  # an architecture with no registered pretrained cfg
         return f"timm:{name}"
@@ -328,7 +331,7 @@ def _create_features(name: str, *, pretrained: bool, **kwargs: Any) -> nn.Module
     variant = BACKBONE_VARIANTS.get(name)
     architecture = variant.architecture if variant is not None else name
     if not timm.is_model(architecture.split(".")[0]):
-        raise ValueError(f"backbone {name!r} is not a timm model (nor one of {sorted(BACKBONE_VARIANTS)})")
+        raise UserError(f"backbone {name!r} is not a timm model (nor one of {sorted(BACKBONE_VARIANTS)})")
     extra = dict(variant.kwargs) if variant is not None else {}
     try:
         features = timm.create_model(
@@ -343,7 +346,7 @@ def _create_features(name: str, *, pretrained: bool, **kwargs: Any) -> nn.Module
     except (TypeError, IndexError, AssertionError, NotImplementedError) as exc:
         # TypeError: no `output_stride` (ViT, DenseNet...); IndexError: fewer than five feature levels;
         # AssertionError / NotImplementedError: the model rejects output_stride=8 or features_only.
-        raise ValueError(
+        raise UserError(
             f"backbone {name!r} cannot be used: JC2A needs a timm CNN with four stages (out_indices "
             f"{OUT_INDICES}) and dilation support for output_stride={OUTPUT_STRIDE} ({type(exc).__name__}: {exc})"
         ) from exc
@@ -373,14 +376,14 @@ def load_features_state(features: nn.Module, name: str, tensors: Mapping[str, Te
     modules = {key.split(".")[0] for key in expected}
     for key, target in expected.items():
         if key not in tensors:
-            raise ValueError(f"{where}: weights for backbone {name!r} lack {key!r} (shape {list(target.shape)})")
+            raise UserError(f"{where}: weights for backbone {name!r} lack {key!r} (shape {list(target.shape)})")
         if tuple(tensors[key].shape) != tuple(target.shape):
-            raise ValueError(
+            raise UserError(
                 f"{where}: {key!r} has shape {list(tensors[key].shape)}, backbone {name!r} needs {list(target.shape)}"
             )
     for key in tensors:
         if key not in expected and key.split(".")[0] in modules:
-            raise ValueError(f"{where}: unexpected key {key!r} for backbone {name!r}")
+            raise UserError(f"{where}: unexpected key {key!r} for backbone {name!r}")
     features.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=True)
 
 
@@ -418,7 +421,7 @@ def create_backbone(
         load_features_state(features, name, state_dict, where or "backbone weights")
     reductions = list(features.feature_info.reduction())
     if len(reductions) != 4 or reductions[0] > OUTPUT_STRIDE or reductions[1:] != [OUTPUT_STRIDE] * 3:
-        raise ValueError(
+        raise UserError(
             f"backbone {name!r} cannot be used: its stages {OUT_INDICES} come out at strides {reductions}, "
             f"JC2A needs [4, 8, 8, 8] (four stages, the last three dilated to stride {OUTPUT_STRIDE})"
         )

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from jc2a.errors import UserError
 from jc2a.model.prior import COSINE_EPS, minmax_normalize, resize_mask
 
 __all__ = ["EMPTY_BANK", "REDUCTIONS", "PrototypeBank", "class_agnostic_map", "weighted_gap"]
@@ -181,26 +182,26 @@ class PrototypeBank(nn.Module):
         """
         names = ("class_ids", "sums", "counts")
         if set(tensors) != set(names):
-            raise ValueError(f"{source}: prototype bank tensors are {sorted(tensors)}, expected {sorted(names)}")
+            raise UserError(f"{source}: prototype bank tensors are {sorted(tensors)}, expected {sorted(names)}")
         expected = {"class_ids": torch.int64, "sums": torch.float64, "counts": torch.int64}
         for name, dtype in expected.items():
             if tensors[name].dtype != dtype:
-                raise ValueError(f"{source}: prototype bank tensor {name} is {tensors[name].dtype}, expected {dtype}")
+                raise UserError(f"{source}: prototype bank tensor {name} is {tensors[name].dtype}, expected {dtype}")
         ids, sums, counts = tensors["class_ids"], tensors["sums"], tensors["counts"]
         if ids.tolist() != self.class_ids.tolist():
-            raise ValueError(
+            raise UserError(
                 f"{source}: prototype bank was built with class_ids={ids.tolist()}, this model needs "
                 f"class_ids={self.class_ids.tolist()}; rebuild it with `jc2a bank` or delete the file"
             )
         n = len(self.class_ids)
         if tuple(sums.shape) != (n, self.dim) or tuple(counts.shape) != (n,):
-            raise ValueError(
+            raise UserError(
                 f"{source}: prototype bank sums {tuple(sums.shape)} and counts {tuple(counts.shape)} do not fit "
                 f"{n} classes of dim {self.dim}"
             )
         if not bool(torch.isfinite(sums).all()):
-            raise ValueError(f"{source}: prototype bank sums are not all finite")
+            raise UserError(f"{source}: prototype bank sums are not all finite")
         if bool((counts < 0).any()):
-            raise ValueError(f"{source}: prototype bank has negative counts")
+            raise UserError(f"{source}: prototype bank has negative counts")
         self.sums.copy_(sums.to(self.sums))
         self.counts.copy_(counts.to(self.counts))

@@ -1,4 +1,4 @@
-"""The JC2A network (SPEC §2): backbone, HPAM, CKMM, MIA decoder, its loss and K-shot fusion, and its builder."""
+"""The JC2A network: backbone, HPAM, CKMM, MIA decoder, its loss and K-shot fusion, and its builder."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from torch import Tensor, nn
 
 from jc2a.config import Config
 from jc2a.folds import base_classes
+from jc2a.labels import IGNORE_INDEX
 from jc2a.model.backbone import Backbone, create_backbone, feature_size
 from jc2a.model.ckmm import REDUCTIONS, PrototypeBank, weighted_gap
 from jc2a.model.decoder import MIA_OPS, FeatureEnrichment, aggregate, aggregate_channels
 from jc2a.model.hpam import HPAM
 from jc2a.model.prior import pfenet_prior, resize_mask
 
-__all__ = ["IGNORE_INDEX", "JC2A", "JC2AMaps", "JC2AOutput", "build_model", "pyramid_bins", "pyramid_blocks"]
+__all__ = ["JC2A", "JC2AMaps", "JC2AOutput", "build_model", "pyramid_bins", "pyramid_blocks"]
 
-IGNORE_INDEX = 255
 REFERENCE_FEATURE = 60  # layer4 side for a 473 input, the size `model.bins` are written for
 
 

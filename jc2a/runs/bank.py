@@ -24,8 +24,8 @@ from tqdm import tqdm
 from jc2a.config import Config, ConfigError, load_config
 from jc2a.data.episodes import bank_loader, label_masks, open_shards
 from jc2a.data.locations import ShardSet
-from jc2a.runs.session import make_accelerator, setup_logging
 from jc2a.runs.files import load_bank, save_bank
+from jc2a.runs.session import make_accelerator, setup_logging
 
 log = logging.getLogger("jc2a.runs")
 

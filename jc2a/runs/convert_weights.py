@@ -25,6 +25,8 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from jc2a.errors import UserError
+
 __all__ = ["FORMAT", "STEM_RENAMES", "add_arguments", "convert", "run", "to_timm_keys"]
 
 FORMAT = "jc2a-backbone-weights/1"  # the safetensors metadata `format` of a converted file
@@ -84,7 +86,7 @@ def convert(
 
     src, dst = Path(src), Path(dst)
     if arch is not None and arch not in _ARCHS:
-        raise ValueError(f"--arch must be one of {', '.join(_ARCHS)}, got {arch!r}")
+        raise UserError(f"--arch must be one of {', '.join(_ARCHS)}, got {arch!r}")
     original = read_torch_weights(src)
     renamed = to_timm_keys(original)
     semseg_key = dict(zip(renamed, original))  # timm key -> the key in src, for messages
@@ -94,7 +96,7 @@ def convert(
         matches = [name for name, expected in shapes.items() if _layer3_blocks(expected) == blocks]
         if not matches:
             known = ", ".join(f"{name}: {_layer3_blocks(expected)}" for name, expected in shapes.items())
-            raise ValueError(
+            raise UserError(
                 f"{src}: {blocks} layer3 blocks, not a PFENet ResNet ({known}); pass --arch to check it against one"
             )
         arch = matches[0]
@@ -105,15 +107,15 @@ def convert(
         if value is None and key.endswith(".num_batches_tracked"):
             value = torch.tensor(0, dtype=torch.long)  # not saved by older torch; torch's initial value
         if value is None:
-            raise ValueError(f"{src}: missing key {_named(key, semseg_key)}, which {arch} needs (shape {list(shape)})")
+            raise UserError(f"{src}: missing key {_named(key, semseg_key)}, which {arch} needs (shape {list(shape)})")
         if tuple(value.shape) != shape:
-            raise ValueError(
+            raise UserError(
                 f"{src}: {_named(key, semseg_key)} has shape {list(value.shape)}, {arch} needs {list(shape)}"
             )
         tensors[key] = value.detach().contiguous().clone()
     for key in renamed:
         if key not in expected and not key.startswith(_DROPPED_PREFIXES):
-            raise ValueError(f"{src}: unexpected key {_named(key, semseg_key)} for {arch}")
+            raise UserError(f"{src}: unexpected key {_named(key, semseg_key)} for {arch}")
     metadata = {"format": FORMAT, "arch": arch, "source": src.name, "source_sha256": file_sha256(src)}
     write_safetensors(dst, tensors, metadata)
     return arch, dst, len(tensors)

@@ -67,11 +67,10 @@ def compare(cfg: Config, run_dir: Path, shots: list[int], episodes: int, progres
     from accelerate.utils import set_seed
 
     from jc2a.data.episodes import open_shards
-    from jc2a.runs.network import build_network
     from jc2a.runs.bank import ensure_bank
-    from jc2a.runs.network import load_trained_model
-    from jc2a.runs.session import close_accelerator, make_accelerator
     from jc2a.runs.evaluate import evaluate_episodes
+    from jc2a.runs.network import build_network, load_trained_model
+    from jc2a.runs.session import close_accelerator, make_accelerator
 
     reset_accelerate_state()
     accelerator = make_accelerator(cfg)
@@ -177,9 +176,9 @@ def demo(
     progress: bool = True,
 ) -> dict:
     """Run the demo; returns the scores, the checks and where everything is."""
+    from jc2a.runs.evaluate import evaluate
     from jc2a.runs.session import setup_logging
     from jc2a.runs.tracking import tracking_uri
-    from jc2a.runs.evaluate import evaluate
     from jc2a.runs.train import train
 
     setup_logging()

@@ -1,4 +1,4 @@
-"""`jc2a eval`: a trained model at the paper's protocol (SPEC §4): results.json, results.md, figures, MLflow.
+"""`jc2a eval`: a trained model at the paper's protocol (docs/PROTOCOL.md): results.json, results.md, figures, MLflow.
 
 Launch (each process takes its share of the fixed episode list; the sums are all-reduced, so the numbers do not
 depend on the number of processes):
@@ -31,14 +31,16 @@ import yaml
 from jc2a.config import Config, ConfigError, to_dict
 from jc2a.data.episodes import eval_loader, open_shards
 from jc2a.data.transforms import Resize, eval_canvas
+from jc2a.errors import UserError
 from jc2a.folds import novel_classes
-from jc2a.metrics import IGNORE, FewShotIoU, score_at_original_size
+from jc2a.labels import IGNORE_INDEX
+from jc2a.metrics import FewShotIoU, score_at_original_size
 from jc2a.runs.files import resolve_checkpoint
 from jc2a.runs.network import load_trained_model
-from jc2a.runs.session import close_accelerator, make_accelerator, setup_logging
-from jc2a.runs.tracking import RunLog, mlflow_params, run_name, tracking_uri
 from jc2a.runs.preview import to_rgb
 from jc2a.runs.report import summarize, variant, write_results
+from jc2a.runs.session import autocast, close_accelerator, make_accelerator, setup_logging
+from jc2a.runs.tracking import RunLog, mlflow_params, run_name, start_tracking
 
 log = logging.getLogger("jc2a.runs")
 
@@ -65,23 +67,23 @@ def trained_on(checkpoint: Union[str, os.PathLike], weights: str = "final") -> t
             data = yaml.safe_load((f.metadata() or {})["config"])["data"]
         return str(data["dataset"]), int(data["fold"])
     except Exception as exc:  # not safetensors, or no jc2a metadata: load_trained_model says which
-        raise ValueError(f"{model_file}: not a jc2a model file (no training config in its metadata: {exc})") from None
+        raise UserError(f"{model_file}: not a jc2a model file (no training config in its metadata: {exc})") from None
 
 
 def plan_folds(checkpoint: Union[str, os.PathLike], folds: Optional[Sequence[int]]) -> list[Optional[int]]:
     """The folds to evaluate: `--folds`, all four for a `{fold}` checkpoint, else [None] (the config's fold).
 
     Raises:
-        ValueError: several folds with a checkpoint that is not a `{fold}` template (a model trained on one fold
+        UserError: several folds with a checkpoint that is not a `{fold}` template (a model trained on one fold
             has seen the others' novel classes as base classes).
     """
     template = FOLD in os.fspath(checkpoint)
     folds = list(dict.fromkeys(int(f) for f in folds)) if folds else None
     for f in folds or ():
         if f not in ALL_FOLDS:
-            raise ValueError(f"--folds {f}: folds are 0, 1, 2 and 3")
+            raise UserError(f"--folds {f}: folds are 0, 1, 2 and 3")
     if folds and len(folds) > 1 and not template:
-        raise ValueError(
+        raise UserError(
             f"--folds {' '.join(map(str, folds))} with --checkpoint {checkpoint}: a model is trained on one fold and "
             f"evaluated on that fold's novel classes only; give a checkpoint path with {FOLD} "
             f"(e.g. runs/coco-f{FOLD}) to evaluate one model per fold"
@@ -146,10 +148,10 @@ def evaluate_episodes(
         episode = int(batch["episode"][0])
         want = episode < figures  # the figures' episodes also return CKMM's map: the same forward
         query, supports = batch["query_img"].to(device), batch["support_imgs"].to(device)
-        with accelerator.autocast():
+        with autocast(accelerator, cfg):
             out = model(query, supports, batch["support_masks"].to(device), return_maps=want)
         logits = out.logits if want else out
-        # 2. scored at the query's original resolution (SPEC §4), summed per class
+        # 2. scored at the query's original resolution (docs/PROTOCOL.md), summed per class
         pred, target = score_at_original_size(logits[0], batch["query_label"][0].to(device))
         meter.update(pred, target, batch["class_id"])
         # 3. what the figure of this episode shows
@@ -176,7 +178,7 @@ def episode_panels(batch: dict, out, pred: torch.Tensor, target: torch.Tensor, c
         name, heat = "foreground probability", maps["foreground"][:, None]
     size = canvas.size
     heat = F.interpolate(heat[:1].float(), size=(size, size), mode="bilinear", align_corners=True)[0, 0]
-    valid = target != IGNORE
+    valid = target != IGNORE_INDEX
     inter = int(((pred == 1) & (target == 1) & valid).sum())
     union = int((((pred == 1) | (target == 1)) & valid).sum())
     return {
@@ -251,20 +253,14 @@ def evaluate(
     seeds = [int(s) for s in dict.fromkeys(seeds if seeds else cfg.data.eval_seeds)]
     episodes = int(episodes if episodes is not None else cfg.data.eval_episodes)
     if min(shots) < 1 or episodes < 1 or figures < 0:
-        raise ValueError(
+        raise UserError(
             f"--shots must be >= 1, --episodes >= 1 and --figures >= 0 (got {shots}, {episodes}, {figures})"
         )
     out = Path(out) if out is not None else default_out(checkpoint)
 
     # 2. the Accelerator (processes, device, autocast) and tracking
-    tracking = cfg.train.tracking == "mlflow"
     run_dir = Path(checkpoint_for(checkpoint, plan[0]))
-    run_dir = run_dir if run_dir.is_dir() else out
-    if tracking:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri(run_dir))
-    artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else run_dir.resolve().parent / "mlartifacts"
+    tracking, artifacts = start_tracking(cfg, run_dir if run_dir.is_dir() else out)
     accelerator = make_accelerator(cfg, tracking=tracking, logging_dir=artifacts)
     main, world = accelerator.is_main_process, accelerator.num_processes
     if main:

@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 
 from jc2a.config import Config, to_dict
+from jc2a.errors import UserError
 
 __all__ = [
     "BANK_FILE",
@@ -98,9 +99,9 @@ def load_bank(bank, path: Union[str, os.PathLike], fingerprint: Optional[Mapping
     if not path.exists():
         raise FileNotFoundError(f"{path}: prototype bank file not found")
     if path.is_dir():
-        raise ValueError(f"{path}: is a directory, not a prototype bank file")
+        raise UserError(f"{path}: is a directory, not a prototype bank file")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file, not a prototype bank")
+        raise UserError(f"{path}: empty file, not a prototype bank")
     tensors = {}
     try:
         with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
@@ -109,11 +110,11 @@ def load_bank(bank, path: Union[str, os.PathLike], fingerprint: Optional[Mapping
                 tensors = {name: f.get_tensor(name) for name in keys}
     except SafetensorError as exc:  # a pickle, random bytes, a truncated file: refused before anything is read
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"{path}: not a safetensors prototype bank ({reason})") from None
+        raise UserError(f"{path}: not a safetensors prototype bank ({reason})") from None
     if metadata.get("format") != BANK_FORMAT:
-        raise ValueError(f"{path}: not a prototype bank (no safetensors metadata format={BANK_FORMAT!r})")
+        raise UserError(f"{path}: not a prototype bank (no safetensors metadata format={BANK_FORMAT!r})")
     if set(keys) == {"class_ids", "sums", "counts"} and metadata.get("dim") != str(bank.dim):
-        raise ValueError(
+        raise UserError(
             f"{path}: prototype bank was built with dim={metadata.get('dim')}, this model needs dim={bank.dim}; "
             f"rebuild it with `jc2a bank` or delete the file"
         )
@@ -129,12 +130,12 @@ def _check_fingerprint(path: Path, stored: Optional[str], expected: Mapping[str,
     except json.JSONDecodeError:
         theirs = None
     if not isinstance(theirs, dict):
-        raise ValueError(
+        raise UserError(
             f"{path}: prototype bank has no readable fingerprint; rebuild it with `jc2a bank` or delete the file"
         )
     for key in [*expected, *sorted(k for k in theirs if k not in expected)]:
         if theirs.get(key) != expected.get(key):
-            raise ValueError(
+            raise UserError(
                 f"{path}: prototype bank fingerprint differs at {key!r}: the file has {theirs.get(key)!r}, "
                 f"expected {expected.get(key)!r}; rebuild it with `jc2a bank` or delete the file"
             )
@@ -170,31 +171,31 @@ def read_torch_weights(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]
     if not path.exists():
         raise FileNotFoundError(f"{path}: weights file not found")
     if path.is_dir():
-        raise ValueError(f"{path}: is a directory, not a weights file")
+        raise UserError(f"{path}: is a directory, not a weights file")
     try:
         data = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         blocked = [line for line in lines if "GLOBAL" in line]
         if blocked:
-            raise ValueError(
+            raise UserError(
                 f"{path}: holds pickled objects that are not plain weights data, refused without running them "
                 f"({blocked[0]})"
             ) from None
         fallback = lines[-1] if lines else type(exc).__name__
         reason = next((line for line in lines if "Unsupported" in line or "error" in line.lower()), fallback)
-        raise ValueError(f"{path}: not a torch weights file ({reason})") from None
+        raise UserError(f"{path}: not a torch weights file ({reason})") from None
     except Exception as exc:  # EOFError (empty), KeyError / RuntimeError (text, random bytes, truncated zip)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: not a torch weights file ({type(exc).__name__}: {reason})") from None
+        raise UserError(f"{path}: not a torch weights file ({type(exc).__name__}: {reason})") from None
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         data = data["state_dict"]
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: holds a {type(data).__name__}, not a state dict (a dict of tensors)")
+        raise UserError(f"{path}: holds a {type(data).__name__}, not a state dict (a dict of tensors)")
     out: dict[str, torch.Tensor] = {}
     for key, value in data.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: entry {key!r} is of type {type(value).__name__}, not a tensor: not a state dict")
+            raise UserError(f"{path}: entry {key!r} is of type {type(value).__name__}, not a tensor: not a state dict")
         out[key.removeprefix("module.")] = value
     return out
 
@@ -225,7 +226,7 @@ def read_weights(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tensor]
             return load_file(os.fspath(path)), source
         except SafetensorError as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ValueError(f"{path}: neither a safetensors nor a torch weights file ({reason})") from None
+            raise UserError(f"{path}: neither a safetensors nor a torch weights file ({reason})") from None
     return read_torch_weights(path), source
 
 
@@ -257,10 +258,10 @@ def read_model_file(path: Union[str, os.PathLike]) -> tuple[dict[str, torch.Tens
         with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != MODEL_FORMAT:
-                raise ValueError(f"{path}: not a jc2a model file (no safetensors metadata format={MODEL_FORMAT!r})")
+                raise UserError(f"{path}: not a jc2a model file (no safetensors metadata format={MODEL_FORMAT!r})")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as exc:
-        raise ValueError(f"{path}: not a safetensors jc2a model file ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a safetensors jc2a model file ({str(exc).splitlines()[0]})") from None
     return tensors, metadata
 
 
@@ -271,7 +272,7 @@ def resolve_checkpoint(path: Union[str, os.PathLike], weights: str = "final") ->
     """(model file, config file or None) of `path`: a model file, or a run folder holding model.safetensors
     (`weights="final"`) or best/model.safetensors (`weights="best"`); the config is the run's config.yaml."""
     if weights not in WEIGHTS:
-        raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+        raise UserError(f"weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
     path = Path(path)
     if path.is_dir():
         model = path / "best" / MODEL_FILE if weights == "best" else path / MODEL_FILE
@@ -283,6 +284,6 @@ def resolve_checkpoint(path: Union[str, os.PathLike], weights: str = "final") ->
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     if weights == "best":
-        raise ValueError(f"{path}: the best weights are a run folder's best/{MODEL_FILE}; give the run folder")
+        raise UserError(f"{path}: the best weights are a run folder's best/{MODEL_FILE}; give the run folder")
     config = path.parent / CONFIG_FILE
     return path, config if config.is_file() else None

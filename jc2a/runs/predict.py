@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from jc2a.config import Config
 from jc2a.data.transforms import eval_canvas
-from jc2a.metrics import IGNORE
+from jc2a.errors import UserError, WriteError
+from jc2a.labels import IGNORE_INDEX
 
 ImageLike = Union[np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
@@ -67,7 +68,7 @@ def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
     data = np.fromfile(path, np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
     if image is None:
-        raise ValueError(f"{path}: unreadable image ({data.size} bytes)")
+        raise UserError(f"{path}: unreadable image ({data.size} bytes)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -83,7 +84,7 @@ def read_mask(path: Union[str, os.PathLike]) -> np.ndarray:
             img.load()
             return mask_array(img, str(path))
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"{path}: unreadable mask ({exc})") from None
+        raise UserError(f"{path}: unreadable mask ({exc})") from None
 
 
 def image_array(image: ImageLike, name: str) -> np.ndarray:
@@ -95,7 +96,7 @@ def image_array(image: ImageLike, name: str) -> np.ndarray:
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-        raise ValueError(f"{name}: expected RGB uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
+        raise UserError(f"{name}: expected RGB uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
     return np.ascontiguousarray(image[..., :3])
 
 
@@ -116,11 +117,11 @@ def mask_array(mask: Union[np.ndarray, Any], name: str) -> np.ndarray:
         grey = rgb[..., 0]
         mask = np.where((rgb == grey[..., None]).all(axis=2), grey, 1)
     if mask.ndim != 2:
-        raise ValueError(f"{name}: expected a mask [H, W], got shape {list(mask.shape)}")
+        raise UserError(f"{name}: expected a mask [H, W], got shape {list(mask.shape)}")
     if mask.dtype == bool:
         mask = mask.astype(np.uint8)
     if not np.issubdtype(mask.dtype, np.integer):
-        raise ValueError(f"{name}: expected an integer mask, got {mask.dtype}")
+        raise UserError(f"{name}: expected an integer mask, got {mask.dtype}")
     return mask
 
 
@@ -135,9 +136,9 @@ def support_mask(values: np.ndarray, name: str) -> np.ndarray:
         out = (values == 255).astype(np.uint8)
     else:
         out = (values != 0).astype(np.uint8)
-        out[values == IGNORE] = IGNORE
+        out[values == IGNORE_INDEX] = IGNORE_INDEX
     if not (out == 1).any():
-        raise ValueError(f"{name}: empty mask (no object pixel; values {present.tolist()[:8]})")
+        raise UserError(f"{name}: empty mask (no object pixel; values {present.tolist()[:8]})")
     return out
 
 
@@ -202,7 +203,7 @@ class Predictor:
             image = image_array(image, name)
             values = mask_array(mask, mask_name)
             if values.shape != image.shape[:2]:
-                raise ValueError(
+                raise UserError(
                     f"{mask_name}: the mask is {values.shape[1]}x{values.shape[0]}, its image {name} is "
                     f"{image.shape[1]}x{image.shape[0]} (width x height); they must match"
                 )
@@ -271,13 +272,13 @@ def canvas_to_image(logits: torch.Tensor, region: tuple[int, int], size: tuple[i
 def split_support(text: str) -> tuple[Path, Path]:
     """`IMG:MASK` -> (image, mask); the split is at the colon after an existing image path when there are several."""
     if ":" not in text:
-        raise ValueError(f"--support {text}: expected IMG:MASK (an image and its mask, joined by ':')")
+        raise UserError(f"--support {text}: expected IMG:MASK (an image and its mask, joined by ':')")
     cuts = [i for i, c in enumerate(text) if c == ":" and 0 < i < len(text) - 1]
     for i in cuts:
         if Path(text[:i]).is_file():
             return Path(text[:i]), Path(text[i + 1 :])
     if not cuts:
-        raise ValueError(f"--support {text}: expected IMG:MASK with both paths non-empty")
+        raise UserError(f"--support {text}: expected IMG:MASK with both paths non-empty")
     return Path(text[: cuts[0]]), Path(text[cuts[0] + 1 :])
 
 
@@ -305,7 +306,7 @@ def save_prediction(out: Path, name: str, image: np.ndarray, result: Prediction)
     }
     for path, array in files.values():
         if not cv2.imwrite(os.fspath(path), array):
-            raise OSError(f"{path}: could not be written")
+            raise WriteError(f"{path}: could not be written")
     npy = out / f"{name}_prob.npy"
     np.save(npy, result.probability.astype(np.float32))
     return [p for p, _ in files.values()] + [npy]

@@ -128,8 +128,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     episodes = sorted({r["episodes"] for r in rows})
     lines.append(f"- {', '.join(map(str, episodes))} episodes per fold and seed; seeds {seeds} (cells with several "
                  "seeds: mean ± sample std over seeds)")  # fmt: skip
-    lines.append("- scored at each query's original resolution (SPEC §4): per-class intersection and union summed "
-                 "over all episodes; mIoU = mean class IoU of the fold's novel classes; FB-IoU pooled")  # fmt: skip
+    lines.append("- scored at each query's original resolution (PFENet's protocol): per-class intersection and "
+                 "union summed over all episodes; mIoU = mean class IoU of the fold's novel classes; FB-IoU pooled")
     lines.append("")
     settings = sorted({(s["dataset"], s["backbone"], s["method"], s.get("weights", "final")) for s in summary})
     for dataset, backbone, method, weights in settings:

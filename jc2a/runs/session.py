@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -28,7 +29,7 @@ def make_accelerator(cfg: Config, *, tracking: bool = False, logging_dir: Option
 
     Mixed precision is `train.mixed_precision`; fp16 needs a GPU (accelerate would silently run fp32 on a CPU), so
     on a CPU it falls back to fp32 with a warning (bf16 works on CPUs). DeepSpeed on a CPU needs the gloo backend
-    chosen before the Accelerator (ENV.md).
+    chosen before the Accelerator (measured on 2-core CPU machines).
     """
     from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration
@@ -43,7 +44,7 @@ def make_accelerator(cfg: Config, *, tracking: bool = False, logging_dir: Option
         precision = "no"
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if not cuda and deepspeed:
-        PartialState(backend="gloo")  # DeepSpeed's CPU accelerator, over gloo (ENV.md); `cpu=True` would drop it
+        PartialState(backend="gloo")  # DeepSpeed's CPU accelerator over gloo; `cpu=True` would drop it
     project = ProjectConfiguration(project_dir=cfg.train.output_dir, logging_dir=logging_dir)
     return Accelerator(
         cpu=not cuda and not deepspeed,
@@ -65,10 +66,26 @@ def reset_accelerate_state() -> None:
 
 
 def close_accelerator(accelerator, *objects: Any) -> None:
-    """Release models and optimizers, then end: gloo aborted at exit in 2-4 runs of 10 without this (ENV.md)."""
+    """Release models and optimizers, then end: gloo aborted at exit in 2-4 runs of 10 without this (2-core CPUs)."""
     import gc
 
     accelerator.free_memory(*objects)
     gc.collect()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def cpu_fp16_autocast() -> contextlib.AbstractContextManager:
+    """torch's float16 autocast on the CPU (`train.cpu_fp16`: accelerate enables fp16 on accelerators only)."""
+    return torch.autocast("cpu", dtype=torch.float16)
+
+
+def uses_cpu_fp16(accelerator, cfg: Config) -> bool:
+    """Whether this run computes in float16 on a CPU through torch's own autocast and GradScaler."""
+    return accelerator.device.type == "cpu" and cfg.train.mixed_precision == "fp16" and cfg.train.cpu_fp16
+
+
+def autocast(accelerator, cfg: Config) -> contextlib.AbstractContextManager:
+    """The forward's precision for evaluation and validation: float16 on a CPU with `train.cpu_fp16`, else
+    accelerate's autocast (fp16/bf16 as the Accelerator was made)."""
+    return cpu_fp16_autocast() if uses_cpu_fp16(accelerator, cfg) else accelerator.autocast()

@@ -36,9 +36,9 @@ def run_row(row: str, seed: int, shards: Path, out: Path, steps: int, episodes: 
     """Train one row with one seed, then its 1-shot mIoU / FB-IoU on the novel classes."""
     from jc2a.config import load_config
     from jc2a.data.episodes import open_shards
+    from jc2a.runs.evaluate import evaluate_episodes
     from jc2a.runs.network import load_trained_model
     from jc2a.runs.session import close_accelerator, make_accelerator, reset_accelerate_state
-    from jc2a.runs.evaluate import evaluate_episodes
     from jc2a.runs.train import train
 
     run_dir = _run_dir(out, row, seed)
@@ -55,7 +55,8 @@ def run_row(row: str, seed: int, shards: Path, out: Path, steps: int, episodes: 
     accelerator = make_accelerator(cfg)
     model, _ = load_trained_model(run_dir)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result, _ = evaluate_episodes(accelerator, model.to(accelerator.device), cfg, open_shards(cfg.data, "val"), 0, episodes)
+    val = open_shards(cfg.data, "val")
+    result, _ = evaluate_episodes(accelerator, model.to(accelerator.device), cfg, val, 0, episodes)
     close_accelerator(accelerator)
     return {"row": row, "seed": seed, "miou": result["miou"], "fbiou": result["fbiou"],
             "trainable_params": params, "seconds": time.perf_counter() - start}  # fmt: skip
@@ -81,7 +82,8 @@ def previous_runs(path: Path, steps: int, episodes: int) -> dict[tuple[str, int]
 def table(runs: list[dict], steps: int, episodes: int, seeds: list[int], seconds: float, command: str) -> str:
     lines = [
         f"Run {date.today().isoformat()} on {platform.machine()} ({platform.processor() or 'CPU'}), {os.cpu_count()} "
-        f"cores, no GPU; {len(runs)} runs, {seconds / 60:.0f} minutes of training and evaluation in all. Command: `{command}`.",
+        f"cores, no GPU; {len(runs)} runs, {seconds / 60:.0f} minutes of training and evaluation in all. "
+        f"Command: `{command}`.",
         "",
         f"Toy COCO-20i fold 0, configs/demo.yaml ({steps} steps each, trainable mobilenetv3_small_050 at 129 px), "
         f"training seeds {seeds}; 1-shot mIoU on the 20 novel classes, {episodes} episodes (the same list for every "
@@ -120,8 +122,8 @@ def write_results(text: str, path: Path = Path("docs/RESULTS.md")) -> Path:
 
 
 def main(argv=None) -> int:
-    from jc2a.runs.session import setup_logging
     from jc2a.runs.demo import toy_shards
+    from jc2a.runs.session import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m jc2a.runs.toy_table3", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("runs/toy_table3"))

@@ -20,6 +20,26 @@ def tracking_uri(output_dir: Union[str, os.PathLike]) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_dir).resolve().parent / 'mlflow.db'}"
 
 
+def start_tracking(cfg: Config, run_dir: Union[str, os.PathLike]) -> tuple[bool, Optional[Path]]:
+    """The MLflow set-up of every run (training, evaluation): `(tracking on, artifact folder)`.
+
+    With `train.tracking=mlflow`: the store is `tracking_uri(run_dir)`; HTTP stores get bounded retries and
+    timeouts (an unreachable server costs a warning, not the run); a local store keeps its artifacts beside it
+    (`<store folder>/mlartifacts`, the artifact location of an experiment it creates), never in the working folder.
+    A server (`MLFLOW_TRACKING_URI`) keeps its own artifact location (None).
+    """
+    if cfg.train.tracking != "mlflow":
+        return False, None
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(run_dir))
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return True, None
+    return True, Path(run_dir).resolve().parent / "mlartifacts"
+
+
 class RunLog:
     """Metrics of a run: always appended to `<run>/metrics.jsonl`, and to MLflow through accelerate's tracker when
     tracking is on. An MLflow store that cannot be reached costs a warning, never the run: the metrics stay in

@@ -11,6 +11,18 @@ from pathlib import Path
 
 import torch
 
+from jc2a.bench.harness import (
+    MEMORY_METHOD,
+    Report,
+    busy_note,
+    device_of,
+    environment,
+    load_average,
+    peak_memory,
+    quiet_stderr,
+    time_interleaved,
+)
+
 STEP_TARGET = 1.2  # training step / backbone forward of the same images, at most (CPU)
 LOOP_TARGET = 0.9  # whole loop episodes/s / step-only episodes/s, at least
 # The RTX 2080 Ti's 11 GB, as decimal bytes (10.24 GiB): below what CUDA reports for the card (11554717696 bytes,
@@ -21,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _model(name: str, size: int, device: torch.device):
     """JC2A with a randomly initialised `name` backbone at input `size`, a random CKMM bank, in train mode."""
+    from jc2a.bench.eval import fill_bank_at_random
     from jc2a.config import load_config
     from jc2a.model import build_model
-    from jc2a.runs.bench_eval import fill_bank_at_random
 
     torch.manual_seed(0)
     cfg = load_config(
@@ -60,8 +72,6 @@ def channels_last_batch(data: dict) -> dict:
 def measure_step(name: str, size: int, batch: int, repeats: int, device: torch.device, precision: str) -> dict:
     """Seconds of: the floor (the backbone's forward of the batch's query and support images, no grad), a whole
     training step (forward, loss, backward, SGD step), and the forward split by stage (profiler)."""
-    from jc2a.bench import time_interleaved
-
     model, cfg = _model(name, size, device)
     data = _batch(batch, size, 1, device)
     images = torch.cat([data["query_img"], data["support_imgs"].flatten(0, 1)])
@@ -95,15 +105,14 @@ def _nbytes(tensors) -> int:
 
 def measure_memory(device: torch.device, batch: int = 4, size: int = 473) -> dict:
     """Bytes of the default training step (ResNet50 frozen, random init, HPAM + CKMM with a random bank, 1-shot,
-    fp16 autocast): forward, loss, backward, SGD step, measured by `jc2a.bench.peak_memory` on one steady-state step
-    (the momentum buffers made beforehand by a step on zero gradients, as every step after the first finds them).
+    fp16 autocast): forward, loss, backward, SGD step, measured by `jc2a.bench.harness.peak_memory` on one
+    steady-state step (the momentum buffers made beforehand by a step on zero gradients, as every step after the
+    first finds them).
 
     Returns the bytes live before the step (`weights`: the model's parameters and buffers, backbone and CKMM bank
     included; `optimizer`; `batch`), `step_peak` (the peak above them during the step), `total`, and on CUDA
     `reserved` (the caching allocator's peak). On a CPU the model and images are channels_last (speed only).
     """
-    from jc2a.bench import peak_memory
-
     model, _ = _model("resnet50", size, device)
     data = _batch(batch, size, 1, device)
     if device.type == "cpu":
@@ -138,11 +147,9 @@ def measure_memory(device: torch.device, batch: int = 4, size: int = 473) -> dic
     return out
 
 
-def bench_memory(args: argparse.Namespace):
+def bench_memory(args: argparse.Namespace) -> Report:
     """Section `memory` of `jc2a bench`: the default training step's peak memory against the 2080 Ti's 11 GB."""
-    from jc2a.bench import MEMORY_METHOD, Report, _device
-
-    device = _device(args.device)
+    device = device_of(args.device)
     m = measure_memory(device)
     gib = 2**30
     ok = m["total"] <= MEMORY_BUDGET
@@ -205,11 +212,9 @@ def _stages(model, data: dict, autocast, device: torch.device) -> dict[str, floa
             scope["ctx"].__exit__(None, None, None)
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    from jc2a.bench import _quiet_stderr
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
-        with _quiet_stderr(), profile(activities=activities) as prof:
+        with quiet_stderr(), profile(activities=activities) as prof:
             with record_function("stage::forward"), autocast():
                 out = model(data["query_img"], data["support_imgs"], data["support_masks"])
                 loss = model.loss(out, data["query_mask"])
@@ -229,12 +234,12 @@ def _stages(model, data: dict, autocast, device: torch.device) -> dict[str, floa
 def measure_loop(steps: int = 24, workers: int = 2) -> dict:
     """Episodes/s of the whole toy training loop (loader, step, logging, a checkpoint) and of the same model's
     step alone on one batch, measured in this process one after the other."""
+    from jc2a.bench.eval import fill_bank_at_random
     from jc2a.config import load_config
     from jc2a.data.coco import CocoSource
-    from jc2a.data.episodes import open_shards, train_loader
+    from jc2a.data.episodes import train_loader
     from jc2a.data.shards import write_shards
     from jc2a.data.toy import write_toy_coco
-    from jc2a.runs.bench_eval import fill_bank_at_random
     from jc2a.runs.session import reset_accelerate_state
     from jc2a.runs.train import train
 
@@ -278,12 +283,10 @@ def measure_loop(steps: int = 24, workers: int = 2) -> dict:
     return {"loop": loop, "step": step, "batch": cfg.train.batch_size, "workers": workers, "steps": steps}
 
 
-def bench_train(args: argparse.Namespace):
+def bench_train(args: argparse.Namespace) -> Report:
     """Section `train` of `jc2a bench`."""
-    from jc2a.bench import Report, _busy_note, _device, _environment, _load
-
-    device = _device(args.device)
-    load = _load()
+    device = device_of(args.device)
+    load = load_average()
     repeats = max(2, min(args.repeats, 3))
     rows = [["measure", "setting", "time / rate", "ratio", "target"]]
     summary: list[list[str]] = []
@@ -332,6 +335,6 @@ def bench_train(args: argparse.Namespace):
     notes.append(f"loop: `jc2a train` on toy shards ({loop['steps']} steps, a checkpoint halfway), episodes/s logged "
                  "per window after the first, against the same model stepping one fixed batch (each measured after "
                  "the other, so machine load moves them apart); judged at the toy config's 0 workers")  # fmt: skip
-    notes.append(_environment(device, repeats))
-    notes.append(_busy_note(load))
+    notes.append(environment(device, repeats))
+    notes.append(busy_note(load))
     return Report("Training: step against the backbone floor; the whole loop", rows, notes, passed, summary)

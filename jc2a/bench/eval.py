@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from jc2a.bench import Report, _busy_note, _device, _environment, _load, time_interleaved
+from jc2a.bench.harness import Report, busy_note, device_of, environment, load_average, time_interleaved
 from jc2a.config import load_config
 from jc2a.data.transforms import Resize
 from jc2a.folds import novel_classes
@@ -82,9 +82,9 @@ def _backbone(model, inputs: tuple, autocast: Callable, split: bool) -> None:
 def bench_eval(args: argparse.Namespace) -> Report:
     """Per-episode evaluation time (1- and 5-shot, batch 1, scored at 375x500) against the backbone's forward of
     the same 1 + K canvases at 473; on CUDA also under fp16 autocast."""
-    device = _device(args.device)
+    device = device_of(args.device)
     repeats = min(args.repeats, CPU_REPEATS) if device.type == "cpu" else args.repeats
-    load_before = _load()
+    load_before = load_average()
     torch.manual_seed(0)
     model = _model(device)
     meter = FewShotIoU(novel_classes("coco20i", 0))
@@ -142,9 +142,9 @@ def bench_eval(args: argparse.Namespace) -> Report:
             f"against the as-run floor the ratio is above {TARGET:g}x ({worst}): a verdict of PASS owes part of its "
             "margin to the supports' layer4, which the floor computes and the model skips"
         )
-    notes.append(_environment(device, repeats) + (f" (at most {CPU_REPEATS} on a CPU)" if device.type == "cpu" else ""))
+    notes.append(environment(device, repeats) + (f" (at most {CPU_REPEATS} on a CPU)" if device.type == "cpu" else ""))
     if device.type == "cpu":
-        notes.append(_busy_note(load_before))
+        notes.append(busy_note(load_before))
         notes.append(f"threads: torch {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     report = Report("Evaluation: episodes/s at the original resolution vs the backbone floor", rows, notes, passed)
     report.ratios = summary  # the summary table of `jc2a bench` (all sections), where the bench has one

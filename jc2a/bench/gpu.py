@@ -28,6 +28,8 @@ from typing import Callable, Optional
 
 import torch
 
+from jc2a.bench.harness import Report, device_of, machine
+
 ROOT = Path(__file__).resolve().parents[2]
 BUDGET_S = 290.0  # the whole command, on a GPU, under 5 minutes
 RESERVE_S = 10.0  # kept back from every subprocess's timeout for what follows it
@@ -133,7 +135,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _step(ctx: dict) -> str:
-    from jc2a.runs.bench_train import STEP_TARGET, measure_step
+    from jc2a.bench.train import STEP_TARGET, measure_step
 
     s = measure_step("resnet50", 473, 4, ctx["repeats"], ctx["device"], "fp16")
     ctx["step_s"] = s["step"]
@@ -165,7 +167,7 @@ def _loop(ctx: dict) -> str:
 
 
 def _eval(ctx: dict) -> str:
-    from jc2a.runs.bench_eval import bench_eval
+    from jc2a.bench.eval import bench_eval
 
     report = bench_eval(argparse.Namespace(device=str(ctx["device"]), repeats=min(ctx["repeats"], 5)))
     header, *rows = report.table
@@ -175,7 +177,7 @@ def _eval(ctx: dict) -> str:
 
 
 def _memory(ctx: dict) -> str:
-    from jc2a.runs.bench_train import MEMORY_BUDGET, measure_memory
+    from jc2a.bench.train import MEMORY_BUDGET, measure_memory
 
     m = measure_memory(ctx["device"])
     gib = 2**30
@@ -239,13 +241,11 @@ RUNNERS: tuple[Callable[[dict], str], ...] = (_step, _loop, _eval, _memory, _dee
 # --------------------------------------------------------------------------- the section
 
 
-def bench_gpu(args: argparse.Namespace):
+def bench_gpu(args: argparse.Namespace) -> Report:
     """Section `gpu` of `jc2a bench`: the six items on the CUDA device, each "skipped: <reason>" where it cannot
     run; passed unless an item that ran failed."""
-    from jc2a.bench import Report, _device, _machine
-
     clock = _Clock(BUDGET_S)
-    device = _device(args.device)
+    device = device_of(args.device)
     reason = None  # why nothing can run here
     if not torch.cuda.is_available():
         reason = "no CUDA device (torch.cuda.is_available() is False)"
@@ -282,7 +282,7 @@ def bench_gpu(args: argparse.Namespace):
         "`measure_memory` of `jc2a bench memory`; (v) `accelerate launch --config_file "
         "configs/accelerate/deepspeed_zero2.yaml` of `jc2a train` (toy config, 2 steps); (vi) `jc2a bank` in 1 "
         "process and through `accelerate launch --config_file configs/accelerate/ddp_1node.yaml --num_processes 2`",
-        _machine(),
+        machine(),
         f"total wall time {clock.elapsed():.1f} s (budget {BUDGET_S:.0f} s; subprocess timeouts cut to fit)",
     ]
     return Report("GPU: fp16 step, loop, eval, memory, DeepSpeed, NCCL bank", rows, notes, passed)
