@@ -806,12 +806,9 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 def save_config(cfg: Config, path: Union[str, os.PathLike]) -> Path:
     """Write the resolved config as YAML (atomically) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    from jc2a.atomic import write_text
+
+    return write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- reference

@@ -35,6 +35,7 @@ from typing import BinaryIO, Optional
 import braceexpand
 import numpy as np
 
+from jc2a.atomic import replacing
 from jc2a.data.shards import MEMBERS, READABLE_FORMATS, check_split, index_name, read_complete_shard, shard_pattern
 from jc2a.errors import MissingPackage, RemoteError, UserError
 
@@ -444,13 +445,8 @@ class ShardSet:
             return path
         folder.mkdir(parents=True, exist_ok=True)
         evict(self.cache_dir, info.get("bytes", 0))
-        tmp = folder / f".{info['name']}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        try:
-            with open(tmp, "w+b") as dst:
-                fetch(url, dst, self.timeout, self.retries, check=lambda f: self._check_download(f, shard))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with replacing(path) as tmp, open(tmp, "w+b") as dst:
+            fetch(url, dst, self.timeout, self.retries, check=lambda f: self._check_download(f, shard))
         return path
 
     def _check_download(self, f: BinaryIO, shard: int) -> None:

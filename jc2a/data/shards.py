@@ -23,6 +23,7 @@ from typing import Iterable, Optional
 from PIL import Image
 from tqdm import tqdm
 
+from jc2a.atomic import write_text
 from jc2a.data.records import SourceItem, class_pixels, decode_label, encode_label, header
 from jc2a.errors import ShardWriteError, UserError
 
@@ -440,12 +441,9 @@ def _write_index(
         "dropped": summary.dropped,
     }
     path = out / index_name(split)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(index, separators=(",", ":")))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(index, separators=(",", ":")))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ShardWriteError(
             f"{path}: cannot write the index ({exc.strerror or exc}); the shards are complete"
         ) from None

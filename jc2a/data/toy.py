@@ -14,6 +14,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from jc2a.atomic import write_text
 from jc2a.data.coco import COCO_CATEGORIES
 from jc2a.errors import UserError
 
@@ -610,6 +611,4 @@ def _check_sizes(train_images: int, val_images: int, size: int) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     """Write atomically: a temporary name, then rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, text)

@@ -55,8 +55,6 @@ def class_agnostic_map(feat_q: Tensor, prototypes: Tensor, seen: Tensor, reduce:
     Returns:
         `P_ag` `[B, 1, h, w]` in [0, 1].
     """
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"unknown CKMM reduction {reduce!r}: expected one of {', '.join(REDUCTIONS)}")
     b, _, h, w = feat_q.shape
     if not bool(seen.any()):
         return feat_q.new_zeros(b, 1, h, w, dtype=torch.float32)
@@ -64,7 +62,12 @@ def class_agnostic_map(feat_q: Tensor, prototypes: Tensor, seen: Tensor, reduce:
         q = nn.functional.normalize(feat_q.float().flatten(2), dim=1, eps=COSINE_EPS)  # [B, D, hw]
         p = nn.functional.normalize(prototypes[seen].float(), dim=1, eps=COSINE_EPS)  # [N_seen, D]
         cos = torch.matmul(p, q)  # [B, N_seen, hw]
-        prob = cos.mean(dim=1) if reduce == "mean" else cos.max(dim=1).values  # Eq. 13
+        if reduce == "mean":  # Eq. 13
+            prob = cos.mean(dim=1)
+        elif reduce == "max":
+            prob = cos.max(dim=1).values
+        else:
+            raise ValueError(f"unknown CKMM reduction {reduce!r}: expected one of {', '.join(REDUCTIONS)}")
         return minmax_normalize(prob.view(b, 1, h, w))
 
 

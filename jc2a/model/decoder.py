@@ -31,16 +31,16 @@ def aggregate(p_aw: Optional[Tensor], p_ag: Optional[Tensor], op: str = "concat"
     Returns:
         The tensors to concatenate to the query feature and the support prototype (possibly empty).
     """
-    if op not in MIA_OPS:
-        raise ValueError(f"unknown MIA op {op!r}: expected one of {', '.join(MIA_OPS)}")
     if p_aw is None or p_ag is None:
         return [t for t in (p_aw, p_ag) if t is not None]
     p_ag = p_ag.to(p_aw.dtype)
+    if op == "concat":
+        return [p_aw, p_ag]
     if op == "add":
         return [p_aw + p_ag]
     if op == "multiply":
         return [p_aw * p_ag]
-    return [p_aw, p_ag]
+    raise ValueError(f"unknown MIA op {op!r}: expected one of {', '.join(MIA_OPS)}")
 
 
 def aggregate_channels(aw_dim: int, ag: bool, op: str = "concat") -> int:

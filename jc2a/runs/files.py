@@ -18,6 +18,7 @@ import torch
 import yaml
 from torch import nn
 
+from jc2a.atomic import replacing
 from jc2a.config import Config, to_dict
 from jc2a.errors import UserError
 
@@ -52,15 +53,9 @@ def write_safetensors(
     then `os.replace`, so that a crash or a full disk leaves the previous file (or none), never half of one."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replacing(path) as tmp:
         save_file(dict(tensors), os.fspath(tmp), metadata=dict(metadata))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def save_bank(bank, path: Union[str, os.PathLike], fingerprint: Mapping[str, str]) -> Path:

@@ -9,10 +9,11 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+from jc2a.atomic import write_text
 from jc2a.config import Config, flatten
 from jc2a.paper import DATASETS, ROWS, VARIANTS, Numbers, comparison, identify, variant_name
 
-__all__ = ["architecture", "markdown", "reproduction_markdown", "summarize", "variant", "write_atomic", "write_results"]
+__all__ = ["architecture", "markdown", "reproduction_markdown", "summarize", "variant", "write_results"]
 
 FOLDS = (0, 1, 2, 3)
 
@@ -184,24 +185,11 @@ def markdown(results: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def write_atomic(path: Union[str, os.PathLike], text: str) -> Path:
-    """Write `text` to a temporary name beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def write_results(out: Union[str, os.PathLike], results: Mapping[str, Any]) -> tuple[Path, Path]:
     """results.json and results.md in `out`, each written atomically."""
     out = Path(out)
-    data = write_atomic(out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
-    text = write_atomic(out / "results.md", markdown(results))
+    data = write_text(out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
+    text = write_text(out / "results.md", markdown(results))
     return data, text
 
 
