@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
-from jc2a.errors import UserError
+from jc2a.errors import Preempted, UserError
 
 # subcommand -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS = {
@@ -45,6 +46,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
+        print(f"jc2a {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Preempted as exc:  # SIGTERM / SIGUSR1 after a checkpoint: a status the SLURM script requeues on
+        print(f"jc2a {args.command}: {one_line(exc)}", file=sys.stderr)
+        marker = os.environ.get("JC2A_PREEMPTED_FILE")  # launch/slurm.sh's, as a launcher may not pass the status on
+        if marker:
+            with open(marker, "w") as f:
+                f.write(one_line(exc) + "\n")
+        return Preempted.exit_status
     except Exception as exc:
         if not is_users(exc):
             raise  # a bug (any other ValueError, RuntimeError, ...): its traceback

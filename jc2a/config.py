@@ -40,6 +40,7 @@ __all__ = [
     "reference_markdown",
     "save_config",
     "to_dict",
+    "where_set",
 ]
 
 MAX_FILE_BYTES = 1 << 20  # a config file (or one override) larger than this is refused before it is parsed
@@ -49,6 +50,10 @@ MAX_STEPS = 10**9  # optimizer steps and step intervals
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding (accelerate's set_seed) takes seeds below 2**32
 PATH_CHARS = 4096  # PATH_MAX
 NAME_CHARS = 255  # one file name
+# PIL's own hard limit with its default Image.MAX_IMAGE_PIXELS (DecompressionBombError above 2 x 89,478,485): the
+# pixel limit stays below it, so PIL never refuses an image the limit lets through
+PIL_PIXEL_CEILING = 2 * (1024 * 1024 * 1024 // 4 // 3)
+TRUSTED_SOURCES = ("command line", "assignment", "arguments", "defaults")  # where_set() values that are no file
 
 
 class ConfigError(UserError):
@@ -100,6 +105,16 @@ def _interval(low_high: list[float]) -> bool:
 PlainName = Annotated[
     str, _rule(lambda v: re.fullmatch(r"[A-Za-z0-9_]+", v) is not None, "be a plain name of letters, digits and '_'")
 ]
+# the trackers accelerate's `log_with` knows (accelerate.utils.LoggerType); whether one is installed is checked when
+# a run starts
+TRACKERS = ("aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb")
+Trackers = Annotated[
+    str,
+    _rule(
+        lambda v: v == "none" or (bool(v) and all(t in TRACKERS for t in v.split(","))),
+        "be none or trackers joined by ',' from " + ", ".join(TRACKERS),
+    ),
+]
 ImageSize = Annotated[int, _rule(lambda v: (v - 1) % 8 == 0, "satisfy (size - 1) % 8 == 0 (473, 641, 129...)")]
 Scale = _list(Annotated[Float, Field(gt=0, le=10)], _rule(_interval, "be [low, high] with 0 < low <= high"))
 Degrees = _list(Annotated[Float, Field(ge=-360, le=360)], _rule(_interval, "be [low, high] degrees with low <= high"))
@@ -136,6 +151,15 @@ def _assign(obj: _Section, name: str, value: Any, source: str) -> None:
         BaseModel.__setattr__(obj, name, value)
     except ValidationError as exc:
         raise _translate(exc, type(obj), lambda key: source) from None
+    if name in fields:  # a new dict each time: copies of the section do not share it
+        object.__setattr__(obj, "_jc2a_where", {**obj.__dict__.get("_jc2a_where", {}), name: source})
+
+
+def where_set(section: _Section, name: str) -> str:
+    """Where the key `name` of a section was set last: a YAML file's path, "command line", "assignment" (code),
+    or "defaults" (never set, or set when the section was built). Kept beside the fields in the instance's
+    `__dict__`, which pydantic's equality and dumps ignore (it is no field)."""
+    return section.__dict__.get("_jc2a_where", {}).get(name, "defaults")
 
 
 # --------------------------------------------------------------------------- schema
@@ -215,6 +239,17 @@ class DataConfig(_Section):
     remote_retries: int = Field(
         3, ge=0, le=20, description="retries of a failed remote read, with exponential back-off"
     )
+    allow_pipe: bool = Field(
+        False,
+        description="run a pipe: data.shards set in a config file; counts only when set on the command line",
+    )
+    max_image_pixels: int = Field(
+        160_000_000,
+        ge=1,
+        le=PIL_PIXEL_CEILING,
+        description="largest image (width x height) decoded anywhere (shards, training, eval, predict), "
+        "checked from its header",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
@@ -265,6 +300,11 @@ class CKMMConfig(_Section):
 class ModelConfig(_Section):
     """The JC2A network (docs/PROTOCOL.md)."""
 
+    arch: Literal["jc2a", "prototype"] = Field(
+        "jc2a",
+        description="jc2a (the paper's network) | prototype (the demo's simple baseline: masked-average support "
+        "prototypes, cosine with the query, a small head; PANet / SG-One)",
+    )
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     feat_dim: int = Field(256, ge=1, le=4096, description="C, reduced mid-level feature width")
     dropout: Probability = Field(0.5, description="Dropout2d after the mid-level reductions (PFENet)")
@@ -340,12 +380,22 @@ class TrainConfig(_Section):
         description="steps between validations on the whole list (data.eval_episodes); picks best/; 0 = off",
     )
     log_every: int = Field(10, ge=1, le=MAX_STEPS, description="steps between logged metrics")
-    tracking: Literal["mlflow", "none"] = Field("mlflow", description="mlflow | none")
+    tracking: Trackers = Field(
+        "mlflow", description="mlflow | tensorboard | mlflow,tensorboard (any accelerate tracker installed) | none"
+    )
     experiment: str = Field("", max_length=NAME_CHARS, description='MLflow experiment; "" = the dataset name')
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms: bit-identical resumes on CPU")
     trace_ranks: bool = Field(
         False,
         description="each rank writes its query keys and a parameter digest per step to <run>/trace/",
+    )
+    init_from: Optional[str] = Field(
+        None,
+        max_length=PATH_CHARS,
+        description="a trained run folder or model file: its weights (and CKMM bank where it fits) start this run",
+    )
+    register_model: Optional[str] = Field(
+        None, max_length=NAME_CHARS, description="register the final model under this name in MLflow's registry"
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "MissingPackage",
+    "Preempted",
     "RecordError",
     "RemoteError",
     "ShardWriteError",
@@ -50,3 +51,10 @@ class RemoteError(UserError, OSError):
 
 class MissingPackage(RemoteError):
     """A location whose fsspec filesystem is not installed (`s3://` without s3fs, say): names the package."""
+
+
+class Preempted(Exception):
+    """A training run stopped on SIGTERM or SIGUSR1 (what SLURM sends before it preempts a job) after writing a
+    checkpoint: `jc2a train` exits with `PREEMPTED_EXIT` and `launch/slurm.sh` requeues the job, which resumes."""
+
+    exit_status = 75  # EX_TEMPFAIL: try again later

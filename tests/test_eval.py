@@ -155,13 +155,57 @@ def test_fold_template_and_bare_model_file(trained, tmp_path, monkeypatch, capsy
     assert main(["eval", "--checkpoint", template, "--folds", "0", "1", "--no-progress"]) == 2
     assert "run-f1: checkpoint not found" in capsys.readouterr().err
     reset_accelerate_state()
-    monkeypatch.chdir(tmp_path)  # a bare model file reports to ./eval
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # reports land beside what was evaluated, never in the working folder
     short = ["--shots", "1", "--seeds", "0", "--episodes", "4", "--figures", "0", "--no-progress"]
     assert main(["eval", "--checkpoint", str(tmp_path / "run-f0" / "model.safetensors"), *short]) == 0
-    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "run-f0" / "eval" / "results.json").read_text())["rows"]
     reset_accelerate_state()
-    assert main(["eval", "--checkpoint", template, "--folds", "0", "--out", "tpl", *short]) == 0
-    assert numbers(json.loads((tmp_path / "tpl" / "results.json").read_text())) == [numbers({"rows": rows})[0]]
+    assert main(["eval", "--checkpoint", template, "--folds", "0", *short]) == 0
+    pattern = tmp_path / "run-f0-eval" / "results.json"  # named for the pattern and its folds, beside the runs
+    assert numbers(json.loads(pattern.read_text())) == [numbers({"rows": rows})[0]]
+    assert list(work.iterdir()) == []
+
+
+def test_an_infeasible_setting_is_refused_before_the_first_episode(trained, tmp_path, capsys):
+    """5-shot needs 6 usable images of a class: with too few, the call stops before 1-shot runs, in one line, and
+    leaves no report folder behind."""
+    out = tmp_path / "refused"
+    args = ["eval", "--checkpoint", str(trained), "--out", str(out), "--shots", "1", "40", "--episodes", "4",
+            "--no-progress", "data.min_pixels=200"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has 41 images" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_failure_part_way_keeps_what_was_measured_and_fails_the_mlflow_run(trained, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    import jc2a.runs.evaluate as evaluate_module
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    real, calls = evaluate_module.evaluate_episodes, {"n": 0}
+
+    def second_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_episodes", second_fails)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk on fire"):
+        evaluate_module.evaluate(trained, overrides=["train.tracking=mlflow"], shots=[1], seeds=[0, 1], episodes=4,
+                                 out=out, figures=0, progress=False)  # fmt: skip
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["complete"] is False and "disk on fire" in partial["error"]
+    assert [(r["shot"], r["seed"]) for r in partial["rows"]] == [(1, 0)]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("coco20i").experiment_id], "tags.`jc2a.kind` = 'eval'")
+    assert run.info.status == "FAILED"
 
 
 def test_mlflow_gets_the_rows_reports_and_figures(trained, tmp_path, monkeypatch):

@@ -406,3 +406,176 @@ def test_an_object_store_without_its_package_is_one_line(monkeypatch, protocol, 
         f"{protocol}://bucket/coco/val-index.json: {protocol}:// needs the {package} package (pip install {package})"
     )
     assert time.monotonic() - start < 1  # not retried
+
+
+# ------------------------------------------------------------------ sizes and depths from an index (issue 16.5)
+
+
+@pytest.mark.parametrize(
+    "size,words",
+    [
+        (10**12, "declares a jpg member of 1000000000000 bytes, more than a member may be (1073741824)"),
+        (10**10, "declares a jpg member of 10000000000 bytes, more than a member may be"),
+        (2**29, "declares a jpg member of 536870912 bytes at offset"),  # under the bound, past the shard's end
+    ],
+    ids=["1e12", "10GB", "past-the-end"],
+)
+def test_a_huge_declared_member_is_refused_with_the_index(coco_shards, tmp_path, size, words):
+    folder = _copy(coco_shards, tmp_path / "shards")
+    _edit_index(folder, "val", lambda ix: ix["records"][3]["offsets"]["jpg"].__setitem__(1, size))
+    start = time.monotonic()
+    with pytest.raises(ValueError) as err:
+        ShardSet(str(folder), "val")
+    msg = str(err.value)
+    assert msg.startswith(f"{folder}/val-index.json: record 3 {words}") and msg.endswith("; refused"), msg
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("change", ["size-1e9", "size-off-by-one", "offset-of-another-member"])
+def test_a_record_is_read_only_as_its_tar_header_says(coco_shards, tmp_path, change):
+    """An index without shard sizes (format 1) cannot be checked when it is loaded: each member is checked against
+    the shard's own tar header (name and size) and the file's size before a byte of it is read."""
+    folder = _copy(coco_shards, tmp_path / "shards")
+
+    def edit(ix):
+        ix["format"] = "jc2a-shards/1"
+        ix["shards"] = [{"name": s["name"], "records": s["records"]} for s in ix["shards"]]
+        offsets = ix["records"][3]["offsets"]
+        if change == "size-1e9":
+            offsets["jpg"][1] = 10**9
+        elif change == "size-off-by-one":
+            offsets["jpg"][1] -= 1
+        else:
+            offsets["jpg"] = list(offsets["png"])
+
+    _edit_index(folder, "val", edit)
+    shards = ShardSet(str(folder), "val")
+    start = time.monotonic()
+    with pytest.raises(locations.RecordError) as err:
+        shards.read(3)
+    msg = str(err.value)
+    key = shards.records[3]["key"]
+    assert msg.startswith(f"record {key} of {folder}/val-") and "val-index.json" in msg and "\n" not in msg, msg
+    if change == "size-1e9":
+        assert "outside the shard's" in msg
+    else:
+        assert f"the index says {key}.jpg has" in msg and "the shard holds" in msg
+    assert time.monotonic() - start < 1
+    assert shards.read(4)["jpg"] == ShardSet(str(coco_shards), "val").read(4)["jpg"]  # the others still read
+
+
+def test_an_index_nested_200000_deep_is_one_line(coco_shards, tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "val-index.json").write_text('{"format": "jc2a-shards/2", "records": ' + "[" * 200_000 + "]" * 200_000
+                                           + "}")  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(ValueError) as err:
+        ShardSet(str(folder), "val")
+    assert str(err.value) == (
+        f"{folder}/val-index.json: JSON nested too deep to be a shard index (an index has 5 levels)"
+    )
+    assert time.monotonic() - start < 5
+    # nested less deep than the parser's limit: parsed, refused by its shape, the value shown short
+    folder2 = _copy(coco_shards, tmp_path / "shards2")
+    deep = json.loads("[" * 900 + "]" * 900)
+    _edit_index(folder2, "val", lambda ix: ix["shards"][0].update(name=deep))
+    with pytest.raises(ValueError) as err:
+        ShardSet(str(folder2), "val")
+    assert "shard name [[[...]]] is not of the form val-NNNNNN.tar" in str(err.value) and len(str(err.value)) < 400
+
+
+def test_an_index_over_the_size_bound_is_refused_before_it_is_read(coco_shards, tmp_path, monkeypatch):
+    folder = _copy(coco_shards, tmp_path / "shards")
+    with open(folder / "val-index.json", "r+b") as f:  # 600 MB, sparse: nothing is written or read
+        f.truncate(600 * 2**20)
+    start = time.monotonic()
+    with pytest.raises(ValueError) as err:
+        ShardSet(str(folder), "val")
+    assert str(err.value) == (
+        f"{folder}/val-index.json: {600 * 2**20} bytes, more than a shard index may be ({512 * 2**20} bytes)"
+    )
+    assert time.monotonic() - start < 2
+    # a remote index: the command is stopped once it has written more than the bound, and not retried
+    monkeypatch.setattr(locations, "MAX_INDEX_BYTES", 10_000)
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError) as err:
+        ShardSet("pipe:yes {shard}", "val", retries=3)
+    assert str(err.value) == (
+        "shard index not found or unreadable: pipe:yes val-index.json: more than 10000 bytes, the most this file may be"
+    )
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "-1", "1e300"])
+def test_cache_bound_must_be_a_finite_number(coco_shards, flaky_server, tmp_path, monkeypatch, text):
+    """`JC2A_CACHE_MAX_GB=inf` was an OverflowError."""
+    url, _ = flaky_server(coco_shards)
+    monkeypatch.setenv("JC2A_CACHE_MAX_GB", text)
+    with pytest.raises(ValueError) as err:
+        ShardSet(url, "val", cache_dir=str(tmp_path / "cache")).read(0)
+    assert str(err.value) == f"JC2A_CACHE_MAX_GB={text!r}: expected a number of GB >= 0 and <= {2**30}"
+
+
+# --------------------------------------------------------------------------- pipe: locations from config files (16.9)
+
+
+def _pipe_config(tmp_path: Path, coco_shards: Path, marker: Path, extra: str = "") -> Path:
+    path = tmp_path / "shared.yaml"
+    path.write_text(f"data:\n  shards: 'pipe:touch {marker}; cat {coco_shards}/{{shard}}'\n{extra}")
+    return path
+
+
+@pytest.mark.parametrize("how", ["file", "base-file", "allowed-in-the-file"])
+def test_a_pipe_location_from_a_config_file_does_not_run(coco_shards, tmp_path, how):
+    from jc2a.config import load_config
+    from jc2a.data.episodes import open_shards
+
+    marker = tmp_path / "ran"
+    config = _pipe_config(tmp_path, coco_shards, marker, "  allow_pipe: true\n" if how == "allowed-in-the-file" else "")
+    if how == "base-file":
+        child = tmp_path / "child.yaml"
+        child.write_text("_base_: shared.yaml\ndata: {fold: 1}\n")
+        cfg = load_config(child)
+    else:
+        cfg = load_config(config)
+    with pytest.raises(ValueError) as err:
+        open_shards(cfg.data, "val")
+    msg = str(err.value)
+    assert msg.startswith(f"{config}: key 'data.shards' is a pipe: location, which runs the shell command 'touch ")
+    assert "runs only with data.allow_pipe=true on the command line" in msg and "\n" not in msg
+    if how == "allowed-in-the-file":
+        assert f"(data.allow_pipe: true in {config} does not count" in msg
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("how", ["location-on-the-command-line", "allowed-on-the-command-line", "in-code"])
+def test_a_pipe_location_runs_when_the_user_gives_or_allows_it_and_is_logged(coco_shards, tmp_path, caplog, how):
+    from jc2a.config import load_config
+    from jc2a.data.episodes import open_shards
+
+    marker = tmp_path / "ran"
+    config = _pipe_config(tmp_path, coco_shards, marker)
+    location = f"pipe:touch {marker}; cat {coco_shards}/{{shard}}"
+    if how == "location-on-the-command-line":
+        cfg = load_config(None, [f"data.shards={location}"])
+    elif how == "allowed-on-the-command-line":
+        cfg = load_config(config, ["data.allow_pipe=true"])
+    else:
+        cfg = load_config(config)
+        cfg.data.shards = location  # a program's own assignment
+    with caplog.at_level("INFO", logger="jc2a.data"):
+        shards = open_shards(cfg.data, "val")
+    assert marker.exists() and len(shards) == 240
+    assert f"running pipe command: touch {marker}; cat {coco_shards}/val-index.json" in caplog.text
+
+
+def test_the_command_line_refuses_a_pipe_from_a_config_file_in_one_line(coco_shards, tmp_path, capsys):
+    from jc2a.cli import main
+
+    marker = tmp_path / "ran"
+    config = _pipe_config(tmp_path, coco_shards, marker)
+    assert main(["preview", "--config", str(config), "--out", str(tmp_path / "preview")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"jc2a preview: error: {config}: key 'data.shards' is a pipe:"), err
+    assert not marker.exists()

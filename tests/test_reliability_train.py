@@ -93,6 +93,18 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+def reseal(checkpoint: Path) -> Path:
+    """Rewrite a checkpoint's manifest after its files were changed, as someone who also edits trainer_state.json
+    would: the checks below the manifest (weights-only loading, safetensors headers) must still hold."""
+    from jc2a.runs.checkpoints import _manifest
+
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["files"] = _manifest(checkpoint)
+    state_file.write_text(json.dumps(state))
+    return checkpoint
+
+
 def copy_run(src: Path, dst: Path, steps: list[int]) -> Path:
     """A copy of run `src` holding only the checkpoints `steps`, its config pointed at `dst` (as if the run had
     been killed right after the last of them)."""
@@ -268,6 +280,7 @@ def test_a_pickle_in_a_checkpoint_is_refused_and_never_run(coco_shards, bank, wh
     run = copy_run(whole, tmp_path / "run", [5])
     marker = tmp_path / "unpickled"
     torch.save(_Payload(marker), run / "checkpoints/step-5" / name)
+    reseal(run / "checkpoints/step-5")
     with pytest.raises(ValueError, match=r"step-5: checkpoint refused \(UnpicklingError: Weights only load") as info:
         run_train(coco_shards, run, bank, *WHOLE, resume=True)
     assert len(str(info.value).splitlines()) == 1
@@ -279,6 +292,7 @@ def test_a_pickle_in_place_of_checkpoint_safetensors_never_runs(coco_shards, ban
     run = copy_run(whole, tmp_path / "run", [5])
     marker = tmp_path / "unpickled"
     torch.save(_Payload(marker), run / "checkpoints/step-5" / name)
+    reseal(run / "checkpoints/step-5")
     with pytest.raises(Exception, match="header"):  # safetensors reads a header, never a pickle
         run_train(coco_shards, run, bank, *WHOLE, resume=True)
     assert not marker.exists() and not (run / "model.safetensors").exists()
@@ -288,6 +302,7 @@ def test_a_pickle_in_place_of_checkpoint_safetensors_never_runs(coco_shards, ban
 def test_a_pickle_in_place_of_checkpoint_safetensors_is_one_line(coco_shards, bank, whole, tmp_path, name):
     run = copy_run(whole, tmp_path / "run", [5])
     torch.save(_Payload(tmp_path / "unpickled"), run / "checkpoints/step-5" / name)
+    reseal(run / "checkpoints/step-5")
     try:
         run_train(coco_shards, run, bank, *WHOLE, resume=True)
     except Exception as exc:  # noqa: BLE001 - what it raises is the point
@@ -301,6 +316,7 @@ def test_a_pickled_rng_state_is_never_run(coco_shards, bank, whole, tmp_path):
     run = copy_run(whole, tmp_path / "run", [5])
     marker = tmp_path / "unpickled"
     torch.save(_Payload(marker), run / "checkpoints/step-5/random_states_0.pkl")
+    reseal(run / "checkpoints/step-5")
     assert run_train(coco_shards, run, bank, *WHOLE, resume=True)["step"] == 6
     assert not marker.exists()
     assert_same_model(whole / "model.safetensors", run / "model.safetensors")
@@ -310,12 +326,47 @@ def test_cli_resume_from_a_pickled_optimizer_is_one_line(coco_shards, bank, whol
     run = copy_run(whole, tmp_path / "run", [5])
     marker = tmp_path / "unpickled"
     torch.save(_Payload(marker), run / "checkpoints/step-5/optimizer.bin")
+    reseal(run / "checkpoints/step-5")
     cmd = [sys.executable, "-m", "jc2a", *train_cli(coco_shards, run, bank, *WHOLE), "--resume"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_error_line(proc.stderr)
     assert f"{run / 'checkpoints/step-5'}: checkpoint refused (UnpicklingError" in line
     assert not marker.exists()
+
+
+def test_a_changed_checkpoint_file_is_refused_by_its_manifest(coco_shards, bank, whole, tmp_path):
+    """A checkpoint proves itself: a file changed after it was written (a pickle in place of the optimizer here,
+    the manifest left as it was) is refused before anything of it is read."""
+    run = copy_run(whole, tmp_path / "run", [5])
+    marker = tmp_path / "unpickled"
+    torch.save(_Payload(marker), run / "checkpoints/step-5/optimizer.bin")
+    with pytest.raises(ValueError, match=r"step-5: optimizer.bin differs from what was written") as info:
+        run_train(coco_shards, run, bank, *WHOLE, resume=True)
+    assert len(str(info.value).splitlines()) == 1 and not marker.exists()
+    (run / "checkpoints/step-5/extra.bin").write_bytes(b"x")
+    reseal(run / "checkpoints/step-5")
+    (run / "checkpoints/step-5/other.bin").write_bytes(b"y")
+    with pytest.raises(ValueError, match=r"step-5: other.bin is not one of the files it was written with"):
+        run_train(coco_shards, run, bank, *WHOLE, resume=True)
+
+
+def test_a_checkpoint_whose_state_disagrees_with_its_folder_is_refused(coco_shards, bank, whole, tmp_path):
+    """A trainer state saying step 99 inside step-2/ was accepted, reported as finished and saved as the final
+    model; now the step, the config and the files are checked against each other before a resume."""
+    run = copy_run(whole, tmp_path / "run", [2])
+    state_file = run / "checkpoints/step-2/trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "step": 99}))
+    with pytest.raises(ValueError, match=r"step-2: its trainer state says step 99, its folder says step-2"):
+        run_train(coco_shards, run, bank, *WHOLE, resume=True)
+    assert not (run / "model.safetensors").exists()
+    state_file.write_text(json.dumps({**state, "config": "0" * 64}))
+    with pytest.raises(ValueError, match=r"step-2: computed with another config"):
+        run_train(coco_shards, run, bank, *WHOLE, resume=True)
+    state_file.write_text(json.dumps({k: v for k, v in state.items() if k != "files"}))
+    with pytest.raises(ValueError, match=r"step-2: no manifest"):
+        run_train(coco_shards, run, bank, *WHOLE, resume=True)
 
 
 def test_a_pickled_model_file_is_refused(whole, tmp_path):
@@ -392,14 +443,14 @@ def _make_read_only_before_step_2(monkeypatch, run: Path, simulate: bool) -> dic
         refuse(path)
         return real_mkdir(path, mode, dir_fd=dir_fd)
 
-    def save_checkpoint(accelerator, target, state, keep=None):
+    def save_checkpoint(accelerator, target, state, keep=None, cfg=None):
         if target.name == "step-2":
             step1 = run / "checkpoints/step-1"
             before.update({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in step1.iterdir()})
             if not simulate:
                 for folder in (run / "checkpoints", run):
                     folder.chmod(0o555)
-        return real_save(accelerator, target, state, keep)
+        return real_save(accelerator, target, state, keep, cfg)
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_checkpoint)
     if simulate:

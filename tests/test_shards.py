@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -445,3 +447,134 @@ def test_label_png_is_fast_and_lossless():
         raw = zlib.decompress(idat)
         width = array.shape[1] + 1
         assert {raw[row * width] for row in range(array.shape[0])} == {0}  # filter type None on every row
+
+
+# --------------------------------------------------------------------------- a real full disk (issue 16.4)
+
+
+class _SmallDisk:
+    """A folder on a file system of `size` bytes that runs out: a tmpfs mounted there (root), else None."""
+
+    def __init__(self, folder: Path, size: int) -> None:
+        import subprocess
+
+        folder.mkdir(parents=True)
+        self.folder, self.mounted = folder, False
+        if os.geteuid() == 0 and not os.environ.get("JC2A_TEST_NO_TMPFS"):  # set: the /dev/full path
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                  capture_output=True)  # fmt: skip
+            self.mounted = done.returncode == 0
+
+    def grow(self, size: int) -> None:
+        import subprocess
+
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.folder)], check=True)
+
+    def close(self) -> None:
+        import subprocess
+
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.folder)], check=False)
+
+
+class _DevFullAfter:
+    """Without a tmpfs: the items of a source; building item `n` points the next shard's temporary name at
+    /dev/full (every write there fails with ENOSPC, from the kernel), so that shard's first flush fails."""
+
+    def __init__(self, source, n: int, out: Path, shard: int) -> None:
+        self.items, self.class_names = list(source), source.class_names
+        item, target = self.items[n], out / f"val-{shard:06d}.tar.tmp"
+        label = item.label
+
+        def label_then_full():
+            if not target.is_symlink():
+                target.symlink_to("/dev/full")
+            return label()
+
+        self.items[n] = dataclasses.replace(item, label=label_then_full)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)
+
+
+def test_a_real_full_disk_is_one_line_with_the_space_needed(toy_coco, tmp_path, capsys):
+    """ENOSPC from the kernel, not a mock: a tmpfs two shards large (as root; else a shard's temporary file is
+    /dev/full). One line naming the file, the error and the bytes that were to be written; no temporary file;
+    the complete shards intact; once there is space a rerun keeps them and finishes."""
+    images, annotations = toy_coco / "val2014", toy_coco / "annotations/instances_val2014.json"
+    source = CocoSource(images, annotations)
+    reference = tmp_path / "reference"
+    write_shards(source, reference, "val", "coco", source.class_names, max_shard_bytes=int(0.2 * 2**20),
+                 progress=False)  # fmt: skip
+    sizes = [p.stat().st_size for p in sorted(reference.glob("val-*.tar"))]
+    assert len(sizes) >= 4
+    page = 4096
+    disk = _SmallDisk(tmp_path / "disk", sum(-(-s // page) * page for s in sizes[:2]) + 3 * page)
+    try:
+        out = disk.folder / "out"
+        if disk.mounted:  # the kernel's own ENOSPC when the third shard no longer fits
+            code = _shards_cli(images, annotations, out, ("--max-shard-mb", "0.2", "--no-progress"))
+        else:  # no tmpfs without root: the third shard's temporary file is /dev/full
+            out.mkdir()
+            first = len(read_shard_entries(reference / "val-000000.tar", 0))
+            dying = _DevFullAfter(source, first + 1, out, 2)
+            with pytest.raises(ValueError) as err:
+                write_shards(dying, out, "val", "coco", source.class_names, max_shard_bytes=int(0.2 * 2**20),
+                             progress=False)  # fmt: skip
+            print(f"jc2a shards: error: {err.value}", file=__import__("sys").stderr)
+            code = 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        line = err[0]
+        tmp = out / "val-000002.tar.tmp"
+        assert line.startswith(f"jc2a shards: error: {tmp}: cannot write (No space left on device): "), line
+        assert " were to be written, " in line and f" free on {out}; the " in line and "images after it need" in line
+        need = re.search(r"device\): (?:[\d.]+ MB \()?(\d+) bytes\)? were to be written", line)
+        assert need and int(need.group(1)) > 0, line
+        assert not list(out.glob("*.tmp")) and not (out / "val-index.json").exists()
+        complete = sorted(out.glob("val-*.tar"))
+        assert [p.name for p in complete] == ["val-000000.tar", "val-000001.tar"]
+        for path in complete:
+            assert path.read_bytes() == (reference / path.name).read_bytes()  # whole, as an uninterrupted run's
+        if disk.mounted:
+            disk.grow(16 * 2**20)  # space again
+        summary = write_shards(source, out, "val", "coco", source.class_names, max_shard_bytes=int(0.2 * 2**20),
+                               progress=False)  # fmt: skip
+        assert summary.shards_kept == 2 and summary.records == len(source) and not summary.removed
+        for path in sorted(reference.glob("val-*.tar")):
+            assert (out / path.name).read_bytes() == path.read_bytes()
+    finally:
+        disk.close()
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1", "1e400", "2000000", "lots", "0.0001"])
+def test_max_shard_mb_out_of_range_is_one_line(toy_coco, tmp_path, capsys, value):
+    """`inf` was an OverflowError, `0` and `-1` wrote one record per shard; each is now one line, nothing written."""
+    ann = toy_coco / "annotations/instances_val2014.json"
+    assert _shards_cli(toy_coco / "val2014", ann, tmp_path / "out", ("--max-shard-mb", value)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"jc2a shards: error: --max-shard-mb {value}: expected a number of MB > 0 and <= 1048576 "
+                   "(at least 0.001)"]  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "178956971", "1e9", "many"])
+def test_max_image_pixels_out_of_range_is_one_line(toy_coco, tmp_path, capsys, value):
+    ann = toy_coco / "annotations/instances_val2014.json"
+    assert _shards_cli(toy_coco / "val2014", ann, tmp_path / "out", ("--max-image-pixels", value)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"jc2a shards: error: --max-image-pixels {value}: expected an integer in [1, 178956970]"]
+
+
+def test_a_source_that_selects_nothing_or_whose_every_image_is_skipped_is_refused(toy_coco, tmp_path):
+    source = CocoSource(toy_coco / "val2014", toy_coco / "annotations/instances_val2014.json")
+    with pytest.raises(ValueError, match=r"^val: the source lists no image; nothing to write to "):
+        write_shards([], tmp_path / "empty", "val", "coco", source.class_names, progress=False)
+    missing = [dataclasses.replace(item, image_path=tmp_path / "nowhere.jpg") for item in list(source)[:5]]
+    with pytest.raises(ValueError) as err:
+        write_shards(missing, tmp_path / "skipped", "val", "coco", source.class_names, progress=False)
+    assert str(err.value).startswith("val: no record written, all 5 images were skipped (first: val2014/")
+    assert "image not found" in str(err.value) and not (tmp_path / "skipped/val-index.json").exists()

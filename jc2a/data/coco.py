@@ -10,7 +10,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from jc2a.data.records import SourceItem
+from jc2a.data.records import MAX_IMAGE_PIXELS, SourceItem
 from jc2a.errors import UserError
 from jc2a.labels import IGNORE_INDEX
 
@@ -225,7 +225,7 @@ def _file_name_problem(name: Any) -> Optional[str]:
     return None
 
 
-def _image_problem(info: Any) -> Optional[str]:
+def _image_problem(info: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Optional[str]:
     if not isinstance(info, dict):
         return "image entry is not an object"
     if not _is_int(info.get("id")) or info["id"] < 0:
@@ -233,6 +233,11 @@ def _image_problem(info: Any) -> Optional[str]:
     for key in ("height", "width"):
         if not _is_int(info.get(key)) or info[key] <= 0:
             return f"image {key} {info.get(key)!r} is not a positive integer"
+    if info["height"] * info["width"] > max_pixels:  # its label (and any RLE check) would be that large
+        return (
+            f"image size {info['width']}x{info['height']} is more than {max_pixels} pixels "
+            "(data.max_image_pixels)"
+        )
     return _file_name_problem(info.get("file_name"))
 
 
@@ -261,15 +266,19 @@ class CocoSource:
     Args:
         images: the image folder (e.g. `train2014/`).
         annotations: the instances json (e.g. `annotations/instances_train2014.json`).
+        max_pixels: an image whose entry declares more pixels (width x height) is skipped before its label or
+            RLE masks are allocated (the image file itself is measured from its header when it is written).
     """
 
-    def __init__(self, images: Path, annotations: Path) -> None:
+    def __init__(self, images: Path, annotations: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
         self.images, self.annotations = Path(images), Path(annotations)
         if not self.annotations.is_file():
             raise FileNotFoundError(f"annotation file not found: {self.annotations}")
         if not self.images.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.images}")
         data = read_instances(self.annotations)
+        if not data["images"]:
+            raise UserError(f"{self.annotations}: lists no image ('images' is empty); nothing to write")
         self.folder = self.images.name
         self.class_names = dict(COCO_CLASS_NAMES)
         self.problems: list[dict] = []  # {"source", "reason"} of annotations that belong to no listed image
@@ -277,7 +286,7 @@ class CocoSource:
         broken: list[tuple[str, Optional[dict], str, Optional[str]]] = []
         skipped_ids: set[int] = set()
         for i, info in enumerate(data["images"]):
-            error = _image_problem(info)
+            error = _image_problem(info, max_pixels)
             if error is None and info["id"] in infos:
                 error = f"image id {info['id']} is listed twice"
             if error is None:

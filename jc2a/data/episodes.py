@@ -31,9 +31,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from jc2a.config import DataConfig
+from jc2a.config import TRUSTED_SOURCES, DataConfig, where_set
 from jc2a.data.locations import ShardSet
-from jc2a.data.records import binarize, decode_record
+from jc2a.data.records import MAX_IMAGE_PIXELS, binarize, decode_record
 from jc2a.data.transforms import eval_transform, train_transform
 from jc2a.errors import RecordError, StreamError, UserError
 from jc2a.folds import base_classes, novel_classes
@@ -204,6 +204,7 @@ class EvalEpisodes(Dataset):
         size: input size S (PFENet's evaluation canvas).
         rank, world: this process's share.
         resize: the canvas, `resize` (PFENet's configs) or `test_resize` (`data.eval_resize`).
+        max_pixels: the largest image or label decoded (`data.max_image_pixels`), checked from its header.
     """
 
     def __init__(
@@ -214,16 +215,18 @@ class EvalEpisodes(Dataset):
         rank: int = 0,
         world: int = 1,
         resize: str = "resize",
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         self.shards, self.episodes = shards, list(episodes)
         self.positions = share(len(self.episodes), rank, world)
         self.transform = eval_transform(size, resize)
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def _load(self, position: int, class_id: int) -> tuple[np.ndarray, np.ndarray]:
-        image, label, _ = decode_record(self.shards.read(position))
+        image, label, _ = decode_record(self.shards.read(position), max_pixels=self.max_pixels)
         return image, binarize(label, class_id)
 
     def __getitem__(self, i: int) -> dict:
@@ -255,9 +258,10 @@ class BankImages(Dataset):
         rank: int = 0,
         world: int = 1,
         resize: str = "resize",
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         fold = set(int(c) for c in classes)
-        self.shards = shards
+        self.shards, self.max_pixels = shards, max_pixels
         self.items = [(i, cs) for i, r in enumerate(shards.records) if (cs := _usable(r["classes"], fold, min_pixels))]
         self.positions = share(len(self.items), rank, world)
         self.transform = eval_transform(size, resize)
@@ -271,11 +275,12 @@ class BankImages(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         """The item; a record that cannot be decoded is skipped (an item with no classes, `skipped` 1, and a
-        warning naming it), as the training stream skips it."""
+        warning naming it), as the training stream skips it: one whose image or label is larger than the pixel
+        limit too, from its header, before it is decoded."""
         position, classes = self.items[self.positions[i]]
         key = self.shards.records[position]["key"]
         try:
-            image, label, _ = decode_record(self.shards.read(position))
+            image, label, _ = decode_record(self.shards.read(position), max_pixels=self.max_pixels)
         except RecordError as exc:
             log.warning("CKMM bank: skipped %s", exc)
             size = self.transform.transforms[0].size
@@ -320,6 +325,7 @@ class ResampledShards(wds.ResampledShards):
 
 
 _MEMBERS = ("__key__", "__url__", "jpg", "png", "json")  # what an episode keeps of a sample
+LOADER_MARGIN = 30.0  # seconds a loader worker gets beyond its batch's share of the stream's bound
 _tar_files = wds.pipelinefilter(wds.tariterators.tar_file_expander)  # webdataset's stages: tar streams -> members
 _samples = wds.pipelinefilter(wds.tariterators.group_by_keys)  # members -> samples (`__key__`, `json`, `jpg`, ...)
 
@@ -338,8 +344,11 @@ class TrainEpisodes(wds.DataPipeline):
     `start` episodes of this stream can be skipped without decoding or augmenting them (exact resume).
 
     Bounded: the stream raises StreamError, naming the split and location, after `max_failures` consecutive
-    unreadable shards or records, or `timeout` seconds without an episode. Records that fail to decode are
-    skipped and counted (`self.skipped`, and a warning naming the record and its shard).
+    unreadable shards or records, or `timeout` seconds without an episode, whatever the cause: the bound is
+    checked before each shard is opened and between samples, and a remote shard's download (its tries and
+    back-off waits) ends by the bound's deadline. Records that fail to decode, or whose image or label declares
+    more than `max_pixels` pixels, are skipped and counted (`self.skipped`, and a warning naming the record and
+    its shard).
 
     Args:
         shards: the training split.
@@ -354,6 +363,7 @@ class TrainEpisodes(wds.DataPipeline):
         seed: the run's seed.
         rank, world: this process; default torch.distributed's when it is initialised, else 0 of 1.
         timeout, max_failures: the stream's bounds.
+        max_pixels: the largest image or label decoded (`data.max_image_pixels`).
     """
 
     def __init__(
@@ -373,6 +383,7 @@ class TrainEpisodes(wds.DataPipeline):
         world: Optional[int] = None,
         timeout: float = 60.0,
         max_failures: int = 20,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown episode protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
@@ -395,7 +406,7 @@ class TrainEpisodes(wds.DataPipeline):
         self.shot, self.min_pixels, self.transform = shot, min_pixels, transform
         self.protocol, self.pool_size, self.shuffle_buffer = protocol, pool_size, shuffle_buffer
         self.seed, self.rank, self.world = seed, rank, world
-        self.timeout, self.max_failures = timeout, max_failures
+        self.timeout, self.max_failures, self.max_pixels = timeout, max_failures, max_pixels
         self.epoch = 0
         self.start = 0  # episodes of this stream (all workers of this rank) to skip: set by EpisodeLoader
         self.batch_size = 1
@@ -458,13 +469,17 @@ class TrainEpisodes(wds.DataPipeline):
         self._fail("tar", f"unreadable shard data: {exn}")
         return True
 
+    def _check_time(self) -> None:
+        """StreamError once `timeout` seconds have passed without an episode."""
+        if time.monotonic() - self._progress > self.timeout:
+            raise StreamError(
+                f"{self.where}: no episode for {self.timeout:g} s (data.stream_timeout)"
+                + (f"; last problem: {self._last}" if self._last else "")
+            )
+
     def _watch(self, samples: Iterator[dict]) -> Iterator[dict]:
         for sample in samples:
-            if time.monotonic() - self._progress > self.timeout:
-                raise StreamError(
-                    f"{self.where}: no episode for {self.timeout:.0f} s (data.stream_timeout)"
-                    + (f"; last problem: {self._last}" if self._last else "")
-                )
+            self._check_time()
             yield sample
 
     def _delivered(self, episodes: Iterator[dict]) -> Iterator[dict]:
@@ -480,11 +495,14 @@ class TrainEpisodes(wds.DataPipeline):
 
     def _open(self, shards: Iterator[dict]) -> Iterator[dict]:
         """`{"url", "stream"}` of each shard: the local file, or for a remote shard a copy in the cache fetched
-        with the ShardSet's timeout, bounded retries and checksum (a stalled server fails, never hangs)."""
+        with the ShardSet's timeout, bounded retries and checksum (a stalled server fails, never hangs), all of it
+        ended by the stream's own deadline (`data.stream_timeout` after the last episode)."""
         for source in shards:
+            self._check_time()
             url = source["url"]
             try:
-                stream = open(self.shards.local_path(self._shard_of[url]), "rb")
+                deadline = self._progress + self.timeout
+                stream = open(self.shards.local_path(self._shard_of[url], deadline=deadline), "rb")
             except (OSError, ValueError) as exc:
                 self._tar_error(exc if url in str(exc) else type(exc)(f"{url}: {exc}"))
                 continue
@@ -555,7 +573,7 @@ class TrainEpisodes(wds.DataPipeline):
             rng = _rng(entropy, _KEY_EPISODE, n)
             supports = [others[p] for p in rng.choice(len(others), size=self.shot, replace=False)]
             try:
-                pairs = [decode_record(s)[:2] for s in (raw, *supports)]
+                pairs = [decode_record(s, max_pixels=self.max_pixels)[:2] for s in (raw, *supports)]
             except RecordError as exc:
                 self._fail("record", exc)
                 continue
@@ -581,9 +599,16 @@ class EpisodeLoader(wds.WebLoader):
     `set_epoch(e, start=n)` before iterating gives epoch `e` its own reproducible draw and skips its first `n`
     batches exactly as they were drawn (a resumed run continues where it stopped). `skipped_records` counts the
     records the stream skipped (unreadable, or a broken header) in every worker since the loader was made.
+
+    With loader workers, a worker that gives no batch for `batch_size` x the stream's timeout (+ LOADER_MARGIN s)
+    is a StreamError too (the DataLoader's own timeout): a worker stuck where the stream cannot look at its clock
+    (a hung file system, say) still ends the stream.
     """
 
     def __init__(self, dataset: TrainEpisodes, batches: int, batch_size: int, **loader_args) -> None:
+        if loader_args.get("num_workers", 0) > 0 and not loader_args.get("timeout"):
+            loader_args["timeout"] = batch_size * dataset.timeout + LOADER_MARGIN
+        self.loader_timeout = loader_args.get("timeout", 0)
         super().__init__(dataset, batch_size=batch_size, **loader_args)  # batches from the workers in turn
         self.append(self._count_skips)  # the skips of every worker, summed
         dataset.batch_size = batch_size
@@ -614,7 +639,15 @@ class EpisodeLoader(wds.WebLoader):
 
     def __iter__(self) -> Iterator[dict]:
         if self.start < self.batches:  # with_epoch(0) would not end
-            yield from super().__iter__()  # the workers stop when the epoch's iterator is let go
+            try:
+                yield from super().__iter__()  # the workers stop when the epoch's iterator is let go
+            except RuntimeError as exc:
+                if "DataLoader timed out" not in str(exc):
+                    raise
+                raise StreamError(
+                    f"{self.stream.where}: no batch from a loader worker for {self.loader_timeout:g} s "
+                    f"({self.stream.batch_size} episodes x data.stream_timeout + {LOADER_MARGIN:g} s)"
+                ) from None
         self.set_epoch(self.stream.epoch, 0)
 
     def __len__(self) -> int:
@@ -677,6 +710,7 @@ def train_loader(
         world=world,
         timeout=data.stream_timeout,
         max_failures=data.stream_failures,
+        max_pixels=data.max_image_pixels,
     )
     batches = math.ceil((data.episodes_per_epoch or epoch_episodes(data, shards)) / (world * batch_size))
     _loader_threads(data.num_workers)
@@ -729,7 +763,10 @@ def eval_loader(
     overrides `data.eval_episodes` (validation takes a prefix of the list)."""
     shards = shards or open_shards(data, data.val_split)
     episode_list = eval_list(data, shards, seed, episodes)
-    return _loader(EvalEpisodes(shards, episode_list, data.image_size, rank, world, data.eval_resize), data, batch_size)
+    dataset = EvalEpisodes(
+        shards, episode_list, data.image_size, rank, world, data.eval_resize, max_pixels=data.max_image_pixels
+    )
+    return _loader(dataset, data, batch_size)
 
 
 def bank_loader(
@@ -738,13 +775,47 @@ def bank_loader(
     """A rank's share of the training images holding a usable base class (CKMM's bank pass)."""
     shards = shards or open_shards(data, data.train_split)
     classes = base_classes(data.dataset, data.fold)
-    dataset = BankImages(shards, classes, data.min_pixels, data.image_size, rank, world, data.eval_resize)
+    dataset = BankImages(
+        shards, classes, data.min_pixels, data.image_size, rank, world, data.eval_resize, data.max_image_pixels
+    )
     return _loader(dataset, data, batch_size)
 
 
+def pipe_refusal(data: DataConfig) -> Optional[str]:
+    """Why the `pipe:` location `data.shards` may not run, or None when it may (or is no pipe).
+
+    A pipe: location runs a shell command, and config files travel between people: one set in a config file
+    runs only with `data.allow_pipe=true` set on the command line (or in code); one given on the command line
+    (or in code) runs as it is.
+    """
+    if not data.shards.startswith("pipe:"):
+        return None
+    origin = where_set(data, "shards")
+    if origin in TRUSTED_SOURCES or (data.allow_pipe and where_set(data, "allow_pipe") in TRUSTED_SOURCES):
+        return None
+    also = ""
+    if data.allow_pipe:
+        also = f" (data.allow_pipe: true in {where_set(data, 'allow_pipe')} does not count: a file cannot allow itself)"
+    command = data.shards if len(data.shards) <= 160 else data.shards[:157] + "..."
+    return (
+        f"{origin}: key 'data.shards' is a pipe: location, which runs the shell command {command[5:]!r}; a pipe: "
+        f"location from a config file runs only with data.allow_pipe=true on the command line{also}"
+    )
+
+
 def open_shards(data: DataConfig, split: str) -> ShardSet:
-    """The ShardSet of `split` at `data.shards`, checked to hold `data.dataset`, with the section's remote limits."""
-    return ShardSet(data.shards, split, timeout=data.remote_timeout, retries=data.remote_retries, dataset=data.dataset)
+    """The ShardSet of `split` at `data.shards`, checked to hold `data.dataset`, with the section's remote limits;
+    a `pipe:` location from a config file is refused unless the command line allows it (`pipe_refusal`)."""
+    refusal = pipe_refusal(data)
+    return ShardSet(
+        data.shards,
+        split,
+        timeout=data.remote_timeout,
+        retries=data.remote_retries,
+        dataset=data.dataset,
+        allow_pipe=refusal is None,
+        refusal=refusal,
+    )
 
 
 def label_masks(label: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
-from PIL import Image
 
-from jc2a.data.records import SourceItem
+from jc2a.data.records import MAX_IMAGE_PIXELS, SourceItem, opened_image
 from jc2a.errors import UserError
 from jc2a.labels import IGNORE_INDEX
 
@@ -48,16 +47,31 @@ def read_list(path: Path) -> list[str]:
 
 
 def split_ids(train_list: Path, val_list: Path) -> dict[str, list[str]]:
-    """`{"train": ..., "val": ...}`: the train list without duplicates and without any val image."""
+    """`{"train": ..., "val": ...}`: the train list without duplicates and without any val image.
+
+    Raises UserError naming the list when one selects no image: an empty list, or a train list whose every id
+    is in the val list.
+    """
     val = list(dict.fromkeys(read_list(val_list)))
+    if not val:
+        raise UserError(f"{val_list}: the val list names no image (empty)")
     held_out = set(val)
-    train = [i for i in dict.fromkeys(read_list(train_list)) if i not in held_out]
+    listed = list(dict.fromkeys(read_list(train_list)))
+    if not listed:
+        raise UserError(f"{train_list}: the train list names no image (empty)")
+    train = [i for i in listed if i not in held_out]
+    if not train:
+        raise UserError(
+            f"{train_list}: the train list selects no image: all {len(listed)} of its ids are in the val list "
+            f"{val_list} (held out)"
+        )
     return {"train": train, "val": val}
 
 
-def read_label(path: Path) -> np.ndarray:
-    """A VOC label PNG (grayscale or palette indices) -> `uint8 [H, W]`, checked to hold 0..20 and 255."""
-    with Image.open(path) as im:
+def read_label(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """A VOC label PNG (grayscale or palette indices) -> `uint8 [H, W]`, checked to hold 0..20 and 255 and to
+    have at most `max_pixels` pixels (from its header, before decoding)."""
+    with opened_image(path, str(path), max_pixels, "label") as im:
         if im.mode not in ("L", "P"):
             raise UserError(f"{path}: label PNG must be single-channel (L or P), got mode {im.mode}")
         label = np.array(im, dtype=np.uint8)
@@ -74,10 +88,16 @@ class PascalSource:
         root: the VOC folder holding `JPEGImages/` and `SegmentationClassAug/`.
         split: "train" or "val".
         train_list, val_list: list files; default PFENet's lists shipped with jc2a (`default_list`).
+        max_pixels: the largest label map read (width x height); larger ones are skipped before decoding.
     """
 
     def __init__(
-        self, root: Path, split: str, train_list: Optional[Path] = None, val_list: Optional[Path] = None
+        self,
+        root: Path,
+        split: str,
+        train_list: Optional[Path] = None,
+        val_list: Optional[Path] = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         self.root = Path(root)
         for sub in ("JPEGImages", "SegmentationClassAug"):
@@ -87,6 +107,7 @@ class PascalSource:
             raise ValueError(f"PASCAL split must be 'train' or 'val', got {split!r}")
         lists = split_ids(Path(train_list or default_list("train")), Path(val_list or default_list("val")))
         self.ids = lists[split]
+        self.max_pixels = max_pixels
         self.class_names = {i: name for i, name in enumerate(VOC_CLASSES, start=1)}
 
     def __len__(self) -> int:
@@ -98,6 +119,6 @@ class PascalSource:
             yield SourceItem(
                 key=f"voc2012/{image_id}",
                 image_path=self.root / "JPEGImages" / f"{image_id}.jpg",
-                label=lambda p=label_path: read_label(p),
+                label=lambda p=label_path: read_label(p, self.max_pixels),
                 source=f"JPEGImages/{image_id}.jpg",
             )

@@ -1,17 +1,30 @@
-"""The shard record format: one image, its label map and a json header; encoding and decoding."""
+"""The shard record format: one image, its label map and a json header; encoding and decoding.
+
+Every image jc2a decodes (shard records, source images and labels, `jc2a predict`'s inputs) is first measured from
+its header (`image_size`: PIL reads the header only) against one pixel limit, `data.max_image_pixels`
+(`MAX_IMAGE_PIXELS` by default), so a decompression bomb is refused before a byte of it is decoded.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import cv2
 import numpy as np
+from PIL import Image
 
+from jc2a.config import DataConfig
 from jc2a.errors import RecordError
 from jc2a.labels import IGNORE_INDEX
+
+MAX_IMAGE_PIXELS: int = DataConfig.model_fields["max_image_pixels"].default  # data.max_image_pixels' default
 
 
 @dataclass
@@ -39,8 +52,53 @@ def _is_bytes(data: object) -> bool:
     return isinstance(data, (bytes, bytearray, memoryview)) and len(data) > 0
 
 
-def decode_image(data: bytes, name: str = "image") -> np.ndarray:
-    """JPEG/PNG bytes -> RGB `uint8 [H, W, 3]`; a RecordError naming `name` when unreadable."""
+class ImageTooLarge(RecordError):
+    """An image whose header declares more pixels than the limit: refused before it is decoded."""
+
+
+@contextlib.contextmanager
+def opened_image(
+    source: Union[bytes, bytearray, memoryview, str, os.PathLike], name: str, max_pixels: int, what: str = "image"
+) -> Iterator[Image.Image]:
+    """A PIL image of `source` (bytes or a file), opened lazily (header only) and checked against `max_pixels`
+    (width x height) before anything is decoded: ImageTooLarge, or RecordError when no header can be read, both
+    naming `name`. PIL's own bomb warning is silenced; its bomb error (above `PIL_PIXEL_CEILING`, more than any
+    allowed limit) is ImageTooLarge."""
+    if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(fp)
+        except Image.DecompressionBombError as exc:
+            size = exc.args[0].split(",")[0] if exc.args else "too many pixels"
+            raise ImageTooLarge(f"{name}: {what} {size} (data.max_image_pixels {max_pixels})") from None
+        except Exception as exc:  # PIL raises several types for what it cannot identify
+            raise RecordError(f"{name}: unreadable {what} ({' '.join(str(exc).split())[:200]})") from None
+        with image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(
+                    f"{name}: {what} {width}x{height} = {width * height} pixels, more than the limit of {max_pixels} "
+                    "(data.max_image_pixels); refused before decoding"
+                )
+            yield image
+
+
+def image_size(
+    source: Union[bytes, str, os.PathLike], name: str, max_pixels: int = MAX_IMAGE_PIXELS, what: str = "image"
+) -> tuple[int, int]:
+    """(height, width) of an image (bytes or a file) from its header, within `max_pixels`; nothing decoded."""
+    with opened_image(source, name, max_pixels, what) as image:
+        return image.size[1], image.size[0]
+
+
+def decode_image(data: bytes, name: str = "image", max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """JPEG/PNG bytes -> RGB `uint8 [H, W, 3]`; a RecordError naming `name` when unreadable or larger than
+    `max_pixels` (checked from the header, before decoding)."""
+    if _is_bytes(data):
+        image_size(data, name, max_pixels)
     # EXIF orientation is ignored: label maps are aligned with the stored pixels, as COCO's masks are.
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     array = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if _is_bytes(data) else None
@@ -50,8 +108,16 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
     return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
 
 
-def decode_label(data: bytes, name: str = "label") -> np.ndarray:
-    """Label PNG bytes -> `uint8 [H, W]` (values as stored, never palette-converted)."""
+def decode_label(data: bytes, name: str = "label", max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Label PNG bytes -> `uint8 [H, W]` (values as stored, never palette-converted); larger than `max_pixels`
+    is refused from the header, before decoding."""
+    if _is_bytes(data):
+        try:
+            image_size(data, name, max_pixels, "label")
+        except ImageTooLarge:
+            raise
+        except RecordError:
+            raise RecordError(f"{name}: unreadable or non single-channel 8-bit label PNG") from None
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if _is_bytes(data) else None
     if array is None or array.ndim != 2 or array.dtype != np.uint8:
         raise RecordError(f"{name}: unreadable or non single-channel 8-bit label PNG")
@@ -96,19 +162,22 @@ def binarize(label: np.ndarray, class_id: int) -> np.ndarray:
     return out
 
 
-def decode_record(sample: dict, name: Optional[str] = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def decode_record(
+    sample: dict, name: Optional[str] = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """A webdataset sample with raw `jpg`, `png`, `json` bytes -> (image, label, header).
 
     Only these three members are read, by cv2 and json: nothing is unpickled, whatever else the sample holds.
-    Raises RecordError naming the record when a member is missing or unreadable, or when the label's
-    size differs from the image's.
+    Raises RecordError naming the record when a member is missing or unreadable, when the image or the label
+    declares more than `max_pixels` pixels (from its header, before decoding), or when the label's size differs
+    from the image's.
     """
     name = name or f"record {sample.get('__key__', '?')} of {sample.get('__url__', '?')}"
     for member in ("jpg", "png", "json"):
         if member not in sample:
             raise RecordError(f"{name}: missing member '{member}'")
-    image = decode_image(sample["jpg"], name)
-    label = decode_label(sample["png"], name)
+    image = decode_image(sample["jpg"], name, max_pixels)
+    label = decode_label(sample["png"], name, max_pixels)
     if image.shape[:2] != label.shape:
         raise RecordError(
             f"{name}: label {label.shape[1]}x{label.shape[0]} but image {image.shape[1]}x{image.shape[0]}"

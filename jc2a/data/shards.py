@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 import time
 from collections import Counter
@@ -20,17 +21,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from PIL import Image
 from tqdm import tqdm
 
 from jc2a.atomic import write_text
-from jc2a.data.records import SourceItem, class_pixels, decode_label, encode_label, header
+from jc2a.data.records import (
+    MAX_IMAGE_PIXELS,
+    RecordError,
+    SourceItem,
+    class_pixels,
+    decode_label,
+    encode_label,
+    header,
+    opened_image,
+)
 from jc2a.errors import ShardWriteError, UserError
+from jc2a.lock import FolderLock
 
 INDEX_FORMAT = "jc2a-shards/2"  # 2: every shard's bytes and sha256
 READABLE_FORMATS = ("jc2a-shards/1", INDEX_FORMAT)
 MEMBERS = ("json", "jpg", "png")  # order inside a record
 _SPLIT = re.compile(r"[A-Za-z0-9_]+")
+MAX_SHARD_MB = 2**20  # --max-shard-mb at most 1 TiB: a bound on one shard, not a way to write one shard of all
 
 
 def check_split(split: str) -> str:
@@ -221,22 +232,46 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _check_image(data: bytes, path: Path) -> tuple[int, int]:
-    """(height, width) of an image file that decodes completely; ValueError naming the file otherwise."""
+def _check_image(data: bytes, path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(height, width) of an image file that decodes completely and has at most `max_pixels` pixels (checked
+    from its header, before decoding); ValueError naming the file otherwise."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with opened_image(data, str(path), max_pixels) as im:
             width, height = im.size
             im.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # DCT scaling: reads all, decodes less
             im.load()
+    except RecordError as exc:
+        raise UserError(f"image too large: {exc}" if "data.max_image_pixels" in str(exc) else f"unreadable image: {exc}"
+                        ) from None  # fmt: skip
     except Exception as exc:  # PIL raises many types for broken files
         raise UserError(f"unreadable image: {path} ({exc})") from None
     return height, width
 
 
+def _size(n: int) -> str:
+    """`1234567` -> `1.2 MB (1234567 bytes)`; small counts as bytes only."""
+    return f"{n / 1e6:.1f} MB ({n} bytes)" if n >= 100_000 else f"{n} bytes"
+
+
+class _DiskFull(OSError):
+    """A write of a shard that failed (ENOSPC, EDQUOT, EFBIG, EIO ...), its temporary file already removed:
+    `path` the file, `need` the bytes that were being written."""
+
+    def __init__(self, path: Path, exc: OSError, need: int) -> None:
+        super().__init__(exc.errno, exc.strerror or str(exc))
+        self.path, self.need = path, need
+
+
+def _record_bytes(members: dict[str, bytes]) -> int:
+    """The bytes a record takes in a tar: each member's data padded to 512-byte blocks, plus its header block."""
+    return sum(tarfile.BLOCKSIZE + -(-len(v) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for v in members.values())
+
+
 class _ShardFile:
     """One shard being written under a temporary name; `close()` renames it into place.
 
-    An OSError while writing (a full disk) removes the temporary file and raises ShardWriteError naming it.
+    An OSError while writing (a full disk: ENOSPC from a write, a flush or fsync) removes the temporary file and
+    raises _DiskFull naming it and the bytes that were being written.
     """
 
     def __init__(self, out: Path, split: str, number: int) -> None:
@@ -245,7 +280,7 @@ class _ShardFile:
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.tar: Optional[tarfile.TarFile] = None
         self.records = 0
-        with self._writing():
+        with self._writing(tarfile.RECORDSIZE):
             self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
 
     @property
@@ -253,14 +288,14 @@ class _ShardFile:
         return self.tar.offset
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
-        with self._writing():
+        with self._writing(_record_bytes(members)):
             for ext in MEMBERS:
                 _tar_member(self.tar, f"{key}.{ext}", members[ext])
         self.records += 1
 
     def close(self) -> tuple[list[dict], dict]:
         """(index entries of its records, `{"name", "records", "bytes", "sha256"}`) of the shard, now in place."""
-        with self._writing():
+        with self._writing(tarfile.RECORDSIZE):  # the end-of-archive blocks, padded to a tar record
             self.tar.close()
             with open(self.tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -269,25 +304,30 @@ class _ShardFile:
             os.replace(self.tmp, self.path)
         return entries, info
 
+    def discard(self) -> None:
+        """Close and remove the temporary file (each step on its own: closing a file whose buffer cannot be
+        flushed to a full disk raises again, and the file must go all the same)."""
+        if self.tar is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.tar.fileobj.close()  # flushes (fails again on a full disk), then closes the descriptor
+            self.tar.closed = True  # nothing more to write
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
+
     @contextlib.contextmanager
-    def _writing(self):
+    def _writing(self, need: int):
         try:
             yield
         except OSError as exc:
-            try:
-                if self.tar is not None:
-                    self.tar.fileobj.close()
-                self.tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            raise ShardWriteError(f"{self.tmp}: cannot write ({exc.strerror or exc}); complete shards stay") from None
+            self.discard()
+            raise _DiskFull(self.tmp, exc, need) from None
 
 
 def _shard_info(path: Path, name: str, records: int) -> dict:
     return {"name": name, "records": records, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _output_folder(out: Path) -> Path:
+def output_folder(out: Path) -> Path:
     """`out`, created if absent; ValueError naming it when it is a file or cannot be written."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: the output folder is a file")
@@ -308,9 +348,12 @@ def write_shards(
     class_names: dict[int, str],
     max_shard_bytes: int = 256 * 2**20,
     progress: bool = True,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> WriteSummary:
     """Write every item of `source` as one record, resuming after the complete shards of an earlier run.
 
+    The output folder is locked for the whole write (`jc2a.lock.FolderLock`): a second writer of the same folder,
+    in another process, is refused with one line naming this one; a nested call in this process shares the lock.
     A shard kept from an earlier run must match the size and sha256 that run's index recorded, or (with no
     index) read whole to its end-of-archive marker with every record intact; a damaged one and every shard
     after it are removed, named in `summary.removed`, and written again.
@@ -323,16 +366,43 @@ def write_shards(
         dataset: "coco" or "pascal", stored in the index.
         class_names: contiguous id -> name, stored in the index.
         max_shard_bytes: a shard is closed before it would grow past this (a single larger record gets
-            a shard of its own).
+            a shard of its own); at least 1 MiB / 1024.
+        max_pixels: the largest image or label (width x height) a record may hold; larger ones are skipped,
+            measured from the header before they are decoded.
 
     Raises:
-        ValueError: a bad split, an output folder that is a file or unwritable, or shards of another source.
-        ShardWriteError: writing failed (e.g. disk full); it names the file, and the complete shards stay.
+        ValueError: a bad split, an output folder that is a file or unwritable, shards of another source, a
+            source that lists no image, or one whose every image is skipped.
+        FolderInUse: another live process writes to `out`.
+        ShardWriteError: writing failed (e.g. disk full); it names the file and the space that was needed, and
+            the complete shards stay (no temporary file is left).
     """
     start = time.time()
     check_split(split)
-    out = _output_folder(Path(out))
+    if not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool) or max_shard_bytes < 1024:
+        raise UserError(f"max_shard_bytes must be an integer >= 1024, got {max_shard_bytes!r}")
+    out = output_folder(Path(out))
+    with FolderLock(out, f"write_shards {split}"):
+        return _write_locked(source, out, split, dataset, class_names, max_shard_bytes, progress, max_pixels, start)
+
+
+def _write_locked(
+    source: Iterable[SourceItem],
+    out: Path,
+    split: str,
+    dataset: str,
+    class_names: dict[int, str],
+    max_shard_bytes: int,
+    progress: bool,
+    max_pixels: int,
+    start: float,
+) -> WriteSummary:
+    """`write_shards` with the folder locked."""
     summary = WriteSummary(split=split)
+    items = list(source)  # items are cheap: images and labels are read one at a time below
+    summary.images = len(items)
+    if not items:
+        raise UserError(f"{split}: the source lists no image; nothing to write to {out}")
     kept, after_gap = _complete_prefix(out, split)
     earlier = _earlier_index(out, split)
     entries: list[dict] = []
@@ -352,8 +422,6 @@ def write_shards(
     summary.shards_kept = len(kept)
     done = {e["key"] for e in entries}
 
-    items = list(source)  # items are cheap: images and labels are read one at a time below
-    summary.images = len(items)
     foreign = done - {item.key for item in items}
     if foreign:  # refused before anything of the earlier run is removed
         raise UserError(
@@ -369,44 +437,76 @@ def write_shards(
     shard: Optional[_ShardFile] = None
     next_number = len(kept)
     bar = tqdm(items, desc=f"shards {split}", unit="img", disable=not progress, total=summary.images)
-    for item in bar:
-        if item.error is not None:
-            summary.skipped.append({"source": item.source, "reason": item.error})
-            continue
-        if item.key not in done:
-            try:
-                members = _record_members(item)
-            except (OSError, ValueError) as exc:
-                reason = str(exc) if isinstance(exc, ValueError) else f"unreadable image: {item.image_path} ({exc})"
-                summary.skipped.append({"source": item.source, "reason": reason})
+    position = 0
+    try:
+        for position, item in enumerate(bar):  # noqa: B007 - `position` names the items left on a full disk
+            if item.error is not None:
+                summary.skipped.append({"source": item.source, "reason": item.error})
                 continue
-            size = sum(len(v) + 1024 for v in members.values())
-            if shard is not None and shard.records and shard.bytes + size > max_shard_bytes:
-                shard_entries, infos[shard.number] = shard.close()
-                entries += shard_entries
-                summary.shards_written += 1
-                shard = None
-            if shard is None:
-                shard = _ShardFile(out, split, next_number)
-                next_number += 1
-            shard.add(item.key, members)
-        summary.dropped += [{"source": item.source, "reason": p} for p in item.problems]
-    if shard is not None:
-        shard_entries, infos[shard.number] = shard.close()
-        entries += shard_entries
-        summary.shards_written += 1
+            if item.key not in done:
+                try:
+                    members = _record_members(item, max_pixels)
+                except (OSError, ValueError) as exc:
+                    reason = str(exc) if isinstance(exc, ValueError) else f"unreadable image: {item.image_path} ({exc})"
+                    summary.skipped.append({"source": item.source, "reason": reason})
+                    continue
+                size = sum(len(v) + 1024 for v in members.values())  # a little over its tar size
+                if shard is not None and shard.records and shard.bytes + size > max_shard_bytes:
+                    shard_entries, infos[shard.number] = shard.close()
+                    entries += shard_entries
+                    summary.shards_written += 1
+                    shard = None
+                if shard is None:
+                    shard = _ShardFile(out, split, next_number)
+                    next_number += 1
+                shard.add(item.key, members)
+            summary.dropped += [{"source": item.source, "reason": p} for p in item.problems]
+        if shard is not None:
+            shard_entries, infos[shard.number] = shard.close()
+            entries += shard_entries
+            summary.shards_written += 1
+            shard = None
+    except _DiskFull as exc:
+        raise ShardWriteError(_disk_full_message(exc, out, items[position + 1 :], done)) from None
+    finally:
+        bar.close()  # a shard cut short by another exception stays as .tmp, as a kill leaves it: a rerun removes it
     summary.records = len(entries)
     summary.seconds = time.time() - start
+    if not entries:
+        first = summary.skipped[0] if summary.skipped else {"source": "?", "reason": "?"}
+        raise UserError(
+            f"{split}: no record written, all {summary.images} images were skipped "
+            f"(first: {first['source']}: {first['reason']})"
+        )
     _write_index(out, split, dataset, class_names, entries, [infos[n] for n in sorted(infos)], summary)
     return summary
 
 
-def _record_members(item: SourceItem) -> dict[str, bytes]:
+def _disk_full_message(exc: _DiskFull, out: Path, rest: list[SourceItem], done: set[str]) -> str:
+    """`<file>: cannot write (No space left on device): <n> bytes were to be written, <m> free on <out>; the k
+    images left need about <s> more (their image files); complete shards stay`."""
+    try:
+        free = f"{_size(shutil.disk_usage(out).free)} free"
+    except OSError:
+        free = "free space unknown"
+    left = [item for item in rest if item.error is None and item.key not in done]
+    image_bytes = 0
+    for item in left:
+        with contextlib.suppress(OSError):
+            image_bytes += item.image_path.stat().st_size
+    more = f"; the {len(left)} images after it need about {_size(image_bytes)} more (their image files)" if left else ""
+    return (
+        f"{exc.path}: cannot write ({exc.strerror}): {_size(exc.need)} were to be written, {free} on {out}"
+        f"{more}; complete shards stay, a rerun with more space continues from them"
+    )
+
+
+def _record_members(item: SourceItem, max_pixels: int = MAX_IMAGE_PIXELS) -> dict[str, bytes]:
     """The jpg (original bytes), png and json members of one item; ValueError naming the file if bad."""
     if not item.image_path.is_file():
         raise UserError(f"image not found: {item.image_path}")
     data = item.image_path.read_bytes()
-    height, width = _check_image(data, item.image_path)
+    height, width = _check_image(data, item.image_path, max_pixels)
     if item.size is not None and tuple(item.size) != (height, width):
         raise UserError(
             f"size mismatch: {item.image_path} is {width}x{height} but the annotations say "
@@ -441,10 +541,16 @@ def _write_index(
         "dropped": summary.dropped,
     }
     path = out / index_name(split)
+    text = json.dumps(index, separators=(",", ":"))
     try:
-        write_text(path, json.dumps(index, separators=(",", ":")))
+        write_text(path, text)
     except OSError as exc:
+        try:
+            free = f"{_size(shutil.disk_usage(out).free)} free"
+        except OSError:
+            free = "free space unknown"
         raise ShardWriteError(
-            f"{path}: cannot write the index ({exc.strerror or exc}); the shards are complete"
+            f"{path}: cannot write the index ({exc.strerror or exc}): {_size(len(text.encode()))} were to be "
+            f"written, {free} on {out}; the shards are complete, a rerun writes it"
         ) from None
     return path

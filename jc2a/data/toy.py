@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import cv2
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -168,6 +169,7 @@ class _Object:
     mask: np.ndarray  # bool [H, W], the decoded annotation
     iscrowd: bool = False
     parts: Optional[list[_Object]] = None  # the blobs a crowd region is drawn as
+    look: Optional[tuple[Appearance, Appearance, float, float]] = None  # v2: (body, part, part axis, cut)
 
 
 def _polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
@@ -184,9 +186,11 @@ def _make_object(
     width: int,
     height: int,
     split: Optional[tuple[float, float]] = None,
+    polys: Optional[list[np.ndarray]] = None,
 ) -> Optional[_Object]:
-    """Place the class outline in the image; `split=(angle, gap)` cuts it in two. None if too little is left."""
-    polys = _unit_shape(app)
+    """Place the class outline (`polys`, default `_unit_shape(app)`) in the image; `split=(angle, gap)` cuts it in
+    two. None if too little is left."""
+    polys = _unit_shape(app) if polys is None else polys
     if split is not None:
         polys = _split_in_two(polys, split[0] - angle, split[1])
     rotation = np.array([[math.cos(angle), math.sin(angle)], [-math.sin(angle), math.cos(angle)]])
@@ -402,6 +406,274 @@ def draw_image(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 4b. Version 2 (issue 17): appearance modes and parts, look-alikes across folds, clutter, occlusion, any size
+# ---------------------------------------------------------------------------------------------------------------
+VERSIONS = (1, 2)
+VERSION = 2  # what `jc2a toy`, the demo, `jc2a pretrain` and the toy tables draw; 1: the flat set of before
+MODE_WEIGHTS = (0.5, 0.3, 0.2)  # a class's own modes 0 and 1, then its look-alike mode (the next class's mode 0)
+_MIN_OBJECT_PIXELS_V2 = 450  # v2 objects go down to 2% of the image: usable at the toy configs' min_pixels (256)
+_SIZE_RANGE_V2 = (0.02, 0.55)  # first instance of a class: a log-uniform fraction of the image, before crowding
+
+
+@dataclass(frozen=True)
+class Style:
+    """How one class is drawn in version 2: its shape, where its part is, and its appearance modes.
+
+    An object is a body and a part: the side of a line across the object's own frame (at `part_angle`, beyond
+    `part_cut` object radii) has other colours and another texture, so one masked average over the object (one
+    prototype) mixes two looks. Each mode is a `(body, part)` pair of appearances (their shape fields are the
+    class's). Mode 2 is the next class's mode 0 in this class's shape: neighbouring classes are in different
+    COCO-20i / PASCAL-5i folds, so every novel class has a base-class look-alike that only its shape tells apart.
+    """
+
+    shape: Appearance  # the shape fields (shape, vertices, aspect) and mode 0's body
+    part_angle: float
+    part_cut: float
+    modes: tuple[tuple[Appearance, Appearance], ...]
+
+
+def _random_look(rng: np.random.Generator, shape: Appearance, avoid: str = "") -> Appearance:
+    """An appearance with `shape`'s shape fields and a random colour pair, texture and frequency."""
+    hue = float(rng.random())
+    saturation, value = _TONES[int(rng.integers(len(_TONES)))]
+    dark = float(rng.uniform(0.35, 0.6))
+    textures = [t for t in TEXTURES if t != avoid]
+    return Appearance(shape.shape, shape.vertices, shape.aspect, colorsys.hsv_to_rgb(hue, saturation, value),
+                      colorsys.hsv_to_rgb((hue + rng.uniform(-0.08, 0.08)) % 1.0, saturation, value * dark),
+                      textures[int(rng.integers(len(textures)))], float(rng.uniform(1.5, 3.5)))  # fmt: skip
+
+
+def _with_shape(look: Appearance, shape: Appearance) -> Appearance:
+    return Appearance(shape.shape, shape.vertices, shape.aspect, look.color, look.color2, look.texture, look.frequency)
+
+
+def styles(num_classes: int) -> list[Style]:
+    """The version-2 look of every class (0-based index): fixed by the index alone, whatever the dataset's seed."""
+    own = []
+    for index in range(num_classes):
+        base = appearance(index, num_classes)  # v1's shape, colours and texture: mode 0's body
+        rng = np.random.default_rng([0x70E2, num_classes, index])
+        part0 = _random_look(rng, base, avoid=base.texture)
+        body1 = _random_look(rng, base, avoid=base.texture)
+        part1 = _random_look(rng, base, avoid=body1.texture)
+        angle, cut = float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(-0.1, 0.3))
+        own.append((base, angle, cut, ((base, part0), (body1, part1))))
+    out = []
+    for index, (base, angle, cut, modes) in enumerate(own):
+        body, part = own[(index + 1) % num_classes][3][0]  # the look-alike: the next class's first mode
+        out.append(Style(base, angle, cut, (*modes, (_with_shape(body, base), _with_shape(part, base)))))
+    return out
+
+
+def _jitter(look: Appearance, gain: np.ndarray, aspect: float) -> Appearance:
+    """One instance's appearance: the colours scaled per channel by `gain`, the aspect by `aspect`."""
+    color = tuple(float(c) for c in np.clip(np.array(look.color) * gain, 0, 1))
+    color2 = tuple(float(c) for c in np.clip(np.array(look.color2) * gain, 0, 1))
+    return Appearance(look.shape, look.vertices, look.aspect * aspect, color, color2, look.texture, look.frequency)  # type: ignore[arg-type]
+
+
+def _wobble(polys: list[np.ndarray], rng: np.random.Generator, amount: float = 0.12) -> list[np.ndarray]:
+    """The outline with a smooth random radial deformation (harmonics 2 and 3, each up to `amount`)."""
+    amps, phases = rng.uniform(0, amount, 2), rng.uniform(0, 2 * math.pi, 2)
+    out = []
+    for p in polys:
+        theta = np.arctan2(p[:, 1], p[:, 0])
+        r = 1 + amps[0] * np.cos(2 * theta + phases[0]) + amps[1] * np.cos(3 * theta + phases[1])
+        out.append(p * r[:, None])
+    return out
+
+
+def _layout_v2(
+    rng: np.random.Generator, class_indices: list[int], looks: list[Style], width: int, height: int
+) -> list[tuple[_Object, float]]:
+    """Version 2's layout: sizes from 2% to over half of the image, centres anywhere (objects occlude each other),
+    a mode, a colour jitter, an aspect and a smooth deformation per instance. (object, target pixels) by
+    decreasing mask area."""
+    crowding = (1.0, 0.85, 0.7, 0.6)[min(len(class_indices), 4) - 1] if class_indices else 1.0
+    floor = min(0.3, _MIN_OBJECT_PIXELS_V2 / (width * height))
+    low, high = (math.log(v) for v in _SIZE_RANGE_V2)
+    first = [c not in class_indices[:k] for k, c in enumerate(class_indices)]
+    fractions = [max(math.exp(rng.uniform(low, high)) * crowding, floor) if f else rng.uniform(0.01, 0.04)
+                 for f in first]  # fmt: skip
+    placed = []
+    for k in sorted(range(len(class_indices)), key=lambda k: -fractions[k]):
+        style = looks[class_indices[k]]
+        body, part = style.modes[int(rng.choice(len(style.modes), p=MODE_WEIGHTS))]
+        gain, aspect = rng.uniform(0.85, 1.15, 3), float(rng.uniform(0.75, 1.33))
+        body, part = _jitter(body, gain, aspect), _jitter(part, gain, aspect)
+        unit = _wobble(_unit_shape(body), rng)
+        radius = math.sqrt(fractions[k] * width * height / sum(_polygon_area(p) for p in unit))
+        reach = radius * max(float(np.abs(p).max()) for p in unit)
+        margin_x, margin_y = min(0.6 * reach, width / 2), min(0.6 * reach, height / 2)
+        center = (float(rng.uniform(margin_x, width - margin_x)), float(rng.uniform(margin_y, height - margin_y)))
+        split = None
+        if body.shape != "ring" and rng.random() < 0.1:
+            split = (float(rng.uniform(0, math.pi)), float(rng.uniform(0.08, 0.18)))
+        angle = float(rng.uniform(0, 2 * math.pi))
+        obj = _make_object(body, class_indices[k], center, radius, angle, width, height, split, unit)
+        if obj is not None:
+            obj.look = (body, part, style.part_angle, style.part_cut)
+            placed.append((obj, fractions[k] * width * height if first[k] else 0.0))
+    return sorted(placed, key=lambda p: -int(p[0].mask.sum()))
+
+
+def _visible_enough_v2(placed: list[tuple[_Object, float]]) -> bool:
+    """Whether every main object keeps half of its outline and >= 80% of min(target, `_MIN_OBJECT_PIXELS_V2`)
+    pixels visible once the later (smaller) ones are painted over it."""
+    if not placed:
+        return True
+    covered = np.zeros_like(placed[0][0].mask)
+    for obj, target in reversed(placed):
+        visible = int((obj.mask & ~covered).sum())
+        if target and (visible < 0.5 * obj.mask.sum() or visible < 0.8 * min(target, _MIN_OBJECT_PIXELS_V2)):
+            return False
+        covered |= obj.mask
+    return True
+
+
+def _clutter(image: np.ndarray, rng: np.random.Generator) -> None:
+    """Background clutter, never annotated: 2-5 strokes and 1-5 distractor blobs (irregular outlines of no class's
+    shape family, in muted random colours and any texture, 0.3-2% of the image each), painted behind the objects."""
+    height, width = image.shape[:2]
+    for _ in range(int(rng.integers(2, 6))):
+        color = tuple(float(c) for c in colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.8), rng.uniform(0.2, 0.9)))
+        p1 = (int(rng.integers(width)), int(rng.integers(height)))
+        p2 = (int(rng.integers(width)), int(rng.integers(height)))
+        cv2.line(image, p1, p2, color, int(rng.integers(1, 4)), lineType=cv2.LINE_AA)
+    for _ in range(int(rng.integers(1, 6))):
+        n = int(rng.integers(6, 11))
+        t = np.sort(rng.uniform(0, 2 * math.pi, n))
+        r = rng.uniform(0.45, 1.0, n)
+        poly = np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+        radius = math.sqrt(rng.uniform(0.003, 0.02) * width * height / max(_polygon_area(poly), 1e-3))
+        hue, saturation, value = rng.random(), rng.uniform(0.1, 0.55), rng.uniform(0.3, 0.85)
+        look = Appearance("blob", 0, 1.0, colorsys.hsv_to_rgb(hue, saturation, value),
+                          colorsys.hsv_to_rgb(hue, saturation, value * rng.uniform(0.4, 0.7)),
+                          TEXTURES[int(rng.integers(len(TEXTURES)))], float(rng.uniform(1.5, 3.5)))  # fmt: skip
+        center = (float(rng.uniform(0, width)), float(rng.uniform(0, height)))
+        blob = _make_object(look, -1, center, radius, float(rng.uniform(0, 2 * math.pi)), width, height,
+                            polys=[poly])  # fmt: skip
+        if blob is not None:
+            _paint(image, blob, look, rng)
+
+
+def _paint_v2(image: np.ndarray, obj: _Object, rng: np.random.Generator) -> None:
+    """Paint a version-2 object: body and part, each with its colours and texture, in the object's own frame."""
+    assert obj.look is not None
+    body, part, axis, cut = obj.look
+    rows, cols = np.nonzero(obj.mask.any(axis=1))[0], np.nonzero(obj.mask.any(axis=0))[0]
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    dx, dy = xs - obj.center[0], ys - obj.center[1]
+    c, s = math.cos(obj.angle), math.sin(obj.angle)
+    u, v = (dx * c + dy * s) / obj.radius, (-dx * s + dy * c) / obj.radius
+    in_part = (u * math.cos(axis) + v * math.sin(axis) > cut)[..., None]
+    shade = rng.uniform(0.92, 1.08) * (1 + 0.1 * np.clip(v, -1, 1))[..., None]
+    colors = []
+    for look in (body, part):
+        t = _texture(look, u, v)[..., None]
+        colors.append(np.array(look.color, np.float32) * (1 - t) + np.array(look.color2, np.float32) * t)
+    painted = np.where(in_part, colors[1], colors[0]) * shade
+    painted += 0.02 * rng.standard_normal(painted.shape, dtype=np.float32)
+    region = obj.mask[y0:y1, x0:x1]
+    image[y0:y1, x0:x1][region] = painted[region]
+
+
+def draw_image_v2(
+    rng: np.random.Generator,
+    size: int,
+    class_indices: list[int],
+    looks: list[Style],
+    crowd_class: Optional[int] = None,
+) -> tuple[np.ndarray, list[_Object]]:
+    """Version 2 of `draw_image`: a textured background with clutter and distractors, then one object per entry
+    of `class_indices` (in one of its class's modes, body and part, jittered and deformed; 2-55% of the image for a
+    class's first instance, anywhere, so objects occlude each other), and a crowd region of `crowd_class`.
+
+    The layout is redrawn (up to 8 times) until each main object keeps half of its outline visible. Returns the
+    image `uint8 [H, W, 3]` and its objects in painting order (crowd first, then by decreasing mask area), as
+    `draw_image` does.
+    """
+    height, width = _image_size(rng, size)
+    image = np.ascontiguousarray(_background(rng, height, width))
+    _clutter(image, rng)
+    for _ in range(8):
+        placed = _layout_v2(rng, class_indices, looks, width, height)
+        if _visible_enough_v2(placed):
+            break
+    objects = [obj for obj, _ in placed]
+    if crowd_class is not None:
+        covered = np.zeros((height, width), bool)
+        for obj in objects:
+            covered |= obj.mask
+        look = looks[crowd_class].modes[0][0]
+        crowd = _crowd(rng, look, crowd_class, covered)
+        if crowd is not None:
+            for piece in crowd.parts or []:
+                _paint(image, piece, look, rng)
+            objects.insert(0, crowd)
+    for obj in objects:
+        if not obj.iscrowd:
+            _paint_v2(image, obj, rng)
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), objects
+
+
+def _drawer(version: int, num_classes: int):
+    """`draw(rng, size, classes, crowd_class)` of a toy version."""
+    if version not in VERSIONS:
+        raise UserError(f"toy data version {version}: expected one of {', '.join(map(str, VERSIONS))}")
+    if version == 1:
+        apps = [appearance(i, num_classes) for i in range(num_classes)]
+        return lambda rng, size, classes, crowd=None: draw_image(rng, size, classes, apps, crowd_class=crowd)
+    looks = styles(num_classes)
+    return lambda rng, size, classes, crowd=None: draw_image_v2(rng, size, classes, looks, crowd_class=crowd)
+
+
+def label_map(objects: list[_Object], height: int, width: int) -> np.ndarray:
+    """Class index + 1 of the topmost object at each pixel (0: background), objects painted in order."""
+    label = np.zeros((height, width), np.uint8)
+    for obj in objects:
+        label[obj.mask] = obj.class_index + 1
+    return label
+
+
+PRETRAIN_SPLIT = 3  # the generator's split code of the pretraining images (train 1, val 2): their own streams
+
+
+def pretrain_images(
+    count: int, size: int = 112, seed: int = 0, version: int = VERSION, num_classes: int = 80, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pretraining split: `count` square toy images `uint8 [N, size, size, 3]` and their image-level labels
+    `bool [N, num_classes]` (the classes with a visible part of at least 0.4% of the image).
+
+    Drawn from their own random streams (split code `PRETRAIN_SPLIT`, never the few-shot train or val images), 1-3
+    classes an image with every class as often as the others, no crowds: an ImageNet of the toy classes.
+    """
+    draw = _drawer(version, num_classes)
+    plan_rng = np.random.default_rng([seed, PRETRAIN_SPLIT, 0])
+    queue: list[int] = []
+    images = np.zeros((count, size, size, 3), np.uint8)
+    labels = np.zeros((count, num_classes), bool)
+    for k in tqdm(range(count), desc="toy pretraining images", disable=not progress, leave=False):
+        n = int(plan_rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
+        classes: list[int] = []
+        while len(classes) < n:
+            if not queue:
+                queue = plan_rng.permutation(num_classes).tolist()
+            c = queue.pop()
+            if c not in classes:
+                classes.append(c)
+        rng = np.random.default_rng([seed, PRETRAIN_SPLIT, 1, k])
+        pixels, objects = draw(rng, size, classes)
+        height, width = pixels.shape[:2]
+        label = label_map(objects, height, width)
+        counts = np.bincount(label.reshape(-1), minlength=num_classes + 1)[1:]
+        labels[k] = counts >= 0.004 * height * width
+        images[k] = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 5. Which classes go in which image: every class in >= MIN_IMAGES images of each split
 # ---------------------------------------------------------------------------------------------------------------
 def plan_split(
@@ -474,16 +746,19 @@ def write_toy_coco(
     size: int = 160,
     seed: int = 0,
     progress: bool = False,
+    version: int = 1,
 ) -> dict:
     """Write `train2014/`, `val2014/` and `annotations/instances_{train,val}2014.json` under `out`.
 
     The 80 real COCO categories (real ids and names), 1-4 objects an image, multi-polygon instances, ~10%
     of images with an `iscrowd` RLE region, a few empty images. The same arguments give byte-identical files.
+    `version`: 1 (the default, what the tests' fixtures draw: one flat look a class, objects apart) or 2 (`VERSION`,
+    the demo's: appearance modes and parts, look-alikes across folds, clutter, occlusion; `draw_image_v2`).
     Returns counts: images, instances, multi_polygon, crowd, empty (totals, and per split under `splits`).
     """
     _check_sizes(train_images, val_images, size)
     out = Path(out)
-    appearances = [appearance(i, len(COCO_CATEGORIES)) for i in range(len(COCO_CATEGORIES))]
+    draw = _drawer(version, len(COCO_CATEGORIES))
     # COCO image ids are unique across train and val 2014
     ids = np.random.default_rng([seed, 0]).choice(581_929, size=train_images + val_images, replace=False) + 1
     id_lists = {"train": sorted(ids[:train_images].tolist()), "val": sorted(ids[train_images:].tolist())}
@@ -493,7 +768,7 @@ def write_toy_coco(
         folder = out / f"{split}2014"
         folder.mkdir(parents=True, exist_ok=True)
         plan = plan_split(
-            np.random.default_rng([seed, split_code, 0]), len(image_ids), len(appearances), MIN_IMAGES[split]
+            np.random.default_rng([seed, split_code, 0]), len(image_ids), len(COCO_CATEGORIES), MIN_IMAGES[split]
         )
         images, annotations, counts = [], [], {"images": 0, "instances": 0, "multi_polygon": 0, "crowd": 0, "empty": 0}
         for k, (image_id, classes) in enumerate(
@@ -501,7 +776,7 @@ def write_toy_coco(
         ):
             rng = np.random.default_rng([seed, split_code, 1, k])
             crowd = int(rng.choice(classes)) if classes and rng.random() < 0.1 else None
-            pixels, objects = draw_image(rng, size, classes, appearances, crowd_class=crowd)
+            pixels, objects = draw(rng, size, classes, crowd)
             height, width = pixels.shape[:2]
             file_name = f"COCO_{split}2014_{image_id:012d}.jpg"
             _save_jpeg(folder / file_name, pixels)
@@ -517,7 +792,7 @@ def write_toy_coco(
         dataset = {
             "info": {
                 "description": "jc2a procedural toy dataset (COCO 2014 layout)",
-                "version": "1.0",
+                "version": f"{version}.0",
                 "year": 2014,
                 "contributor": "jc2a",
                 "seed": seed,
@@ -560,14 +835,16 @@ def write_toy_voc(
     size: int = 160,
     seed: int = 0,
     progress: bool = False,
+    version: int = 1,
 ) -> dict:
     """Write `JPEGImages/`, `SegmentationClassAug/` and the train_aug / val lists under `out` (20 VOC classes).
 
-    Same drawing as `write_toy_coco`, no crowds and no empty images (VOC has neither). Returns counts.
+    Same drawing as `write_toy_coco` (and the same `version`s), no crowds and no empty images (VOC has neither).
+    Returns counts.
     """
     _check_sizes(train_images, val_images, size)
     out = Path(out)
-    appearances = [appearance(i, len(VOC_CLASSES)) for i in range(len(VOC_CLASSES))]
+    draw = _drawer(version, len(VOC_CLASSES))
     id_rng = np.random.default_rng([seed, 0])
     numbers = id_rng.choice(5 * 10**5, size=train_images + val_images, replace=False)  # years 2007..2011, unique
     names = [f"{2007 + n // 10**5}_{n % 10**5:06d}" for n in numbers.tolist()]
@@ -579,7 +856,7 @@ def write_toy_voc(
         plan = plan_split(
             np.random.default_rng([seed, split_code, 0]),
             len(image_ids),
-            len(appearances),
+            len(VOC_CLASSES),
             MIN_IMAGES[split],
             empty_fraction=0.0,
         )
@@ -588,7 +865,7 @@ def write_toy_voc(
             tqdm(list(zip(image_ids, plan)), desc=f"toy voc {split}", disable=not progress, leave=False)
         ):
             rng = np.random.default_rng([seed, split_code, 1, k])
-            pixels, objects = draw_image(rng, size, classes, appearances)
+            pixels, objects = draw(rng, size, classes)
             _save_jpeg(out / "JPEGImages" / f"{image_id}.jpg", pixels)
             label = voc_label(objects, *pixels.shape[:2])
             Image.fromarray(label).save(out / "SegmentationClassAug" / f"{image_id}.png")

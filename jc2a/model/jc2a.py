@@ -322,6 +322,8 @@ def build_model(
     are timm's hub weights, or `backbone_state` (what `model.backbone.weights` names, read by the run layer:
     `jc2a.runs.network.build_network`); a model with CKMM on and an empty bank refuses to run.
 
+    `model.arch: prototype` builds the demo's simple baseline instead (`jc2a.model.baseline.PrototypeBaseline`).
+
     Raises:
         ValueError: `model.backbone.weights` names a file but no `backbone_state` is given.
     """
@@ -331,6 +333,10 @@ def build_model(
             f"model.backbone.weights={mc.backbone.weights}: the model reads no files; build it with "
             f"jc2a.runs.network.build_network(cfg), which reads the file and passes its tensors"
         )
+    if mc.arch == "prototype":
+        from jc2a.model.baseline import build_baseline
+
+        return build_baseline(cfg, backbone_state, backbone_source)  # type: ignore[return-value]
     backbone = create_backbone(
         mc.backbone.name,
         pretrained=mc.backbone.pretrained,

@@ -27,15 +27,32 @@ __all__ = [
     "TrainState",
     "all_ok",
     "check_resume_config",
+    "config_digest",
     "checkpoint_dirs",
     "find_resume",
+    "resume_config",
     "load_checkpoint",
     "save_checkpoint",
+    "verify_checkpoint",
 ]
 
 STATE_FILE = "trainer_state.json"
-# keys that may differ between a run and its resumption: they change no number the run computes
-RESUME_FREE_KEYS = {"train.tracking", "train.experiment", "train.log_every"}
+# keys that may differ between a run and its resumption: they change no number the run computes (logging, how
+# often it validates or checkpoints, where it is, how many loader workers: the episodes do not depend on them)
+RESUME_FREE_KEYS = (
+    "data.num_workers",
+    "train.experiment",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.output_dir",
+    "train.register_model",
+    "train.save_every",
+    "train.trace_ranks",
+    "train.tracking",
+    "train.val_episodes",
+    "train.val_every",
+    "train.val_full_every",
+)
 
 
 @dataclasses.dataclass
@@ -53,6 +70,8 @@ class TrainState:
     bank: str = ""
     mlflow_run_id: Optional[str] = None
     loss_scale: Optional[dict] = None  # torch's GradScaler state under `train.cpu_fp16` (numbers only: JSON)
+    config: str = ""  # config_digest of the run's config: what the checkpoint was computed with
+    files: Optional[dict] = None  # relative path -> sha256 of every file the checkpoint holds (its manifest)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
@@ -99,6 +118,46 @@ def find_resume(cfg: Config, resume) -> Optional[Path]:
     return found[-1]
 
 
+def config_digest(cfg: Config) -> str:
+    """sha256 of the config's keys that change what a run computes (all but `RESUME_FREE_KEYS`)."""
+    import hashlib
+
+    values = {k: v for k, v in flatten(cfg).items() if k not in RESUME_FREE_KEYS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under `folder` but the trainer state itself."""
+    from jc2a.runs.files import file_sha256
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE)
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in files}
+
+
+def verify_checkpoint(checkpoint: Path, cfg: Config) -> TrainState:
+    """The trainer state of `checkpoint` once the checkpoint has proved itself: its folder's step is the state's, it
+    was computed with this config (`config_digest`), and every file it lists is there with its sha256 (nothing
+    missing, nothing changed). One UserError naming the checkpoint and the first disagreement otherwise."""
+    state = TrainState.load(checkpoint / STATE_FILE)
+    name = checkpoint.name
+    if name.startswith("step-") and name[len("step-") :] != str(state.step):
+        raise UserError(f"{checkpoint}: its trainer state says step {state.step}, its folder says {name}: refused")
+    if state.files is None or not state.config:
+        raise UserError(f"{checkpoint}: no manifest in {STATE_FILE} (not written by this jc2a): refused")
+    if state.config != config_digest(cfg):
+        raise UserError(f"{checkpoint}: computed with another config than this run's (config digest differs)")
+    found = _manifest(checkpoint)
+    for rel, digest in state.files.items():
+        if rel not in found:
+            raise UserError(f"{checkpoint}: {rel} is missing (listed in its manifest)")
+        if found[rel] != digest:
+            raise UserError(f"{checkpoint}: {rel} differs from what was written (sha256 {found[rel][:12]}...)")
+    extra = sorted(set(found) - set(state.files))
+    if extra:
+        raise UserError(f"{checkpoint}: {extra[0]} is not one of the files it was written with")
+    return state
+
+
 def all_ok(accelerator, ok: bool) -> bool:
     """True on every rank when `ok` is true on every rank (so that a failure on one rank stops them all)."""
     if accelerator.num_processes == 1:
@@ -134,10 +193,16 @@ def load_rng(path: Path, rank: int) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(accelerator, target: Path, state: TrainState, keep: Optional[int] = None) -> Path:
+def save_checkpoint(
+    accelerator, target: Path, state: TrainState, keep: Optional[int] = None, cfg: Optional[Config] = None
+) -> Path:
     """`accelerator.save_state` + RNG + trainer state into a temporary folder, renamed to `target` when every
-    rank is done; with `keep`, only the newest `keep` step folders stay. A failure (disk full, unwritable) on
-    any rank leaves the earlier checkpoints as they were and raises WriteError (an OSError) naming the folder."""
+    rank is done; with `keep`, only the newest `keep` step folders stay. The trainer state, written last, holds the
+    config's digest (`cfg`) and the sha256 of every file: `verify_checkpoint` checks them before a resume.
+
+    A failure on any rank (a full disk, an unwritable folder: an OSError, or the SafetensorError safetensors raises
+    for them) removes the temporary folder, leaves the earlier checkpoints as they were and raises WriteError (an
+    OSError) naming the folder, with the space the checkpoint needs and the space free."""
     tmp = target.with_name(f".{target.name}.tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
@@ -146,15 +211,27 @@ def save_checkpoint(accelerator, target: Path, state: TrainState, keep: Optional
     try:
         accelerator.save_state(os.fspath(tmp))
         save_rng(tmp, accelerator.process_index)
-        if accelerator.is_main_process:
-            state.save(tmp / STATE_FILE)
-    except (OSError, RuntimeError) as exc:  # ENOSPC, EACCES, torch's "file write failed"
+    except Exception as exc:  # ENOSPC as OSError, RuntimeError ("file write failed") or SafetensorError
         error = exc
-    if not all_ok(accelerator, error is None):
+    written = all_ok(accelerator, error is None)
+    if written and accelerator.is_main_process:
+        try:
+            state.config = config_digest(cfg) if cfg is not None else state.config
+            state.files = _manifest(tmp)
+            state.save(tmp / STATE_FILE)
+        except OSError as exc:
+            error, written = exc, False
+    written = all_ok(accelerator, written)
+    if not written:
+        needed = _space_needed(accelerator, model_bytes(accelerator))
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(target.parent if target.parent.exists() else target.parent.parent).free
         reason = f"{type(error).__name__}: {error}" if error else "another process failed to write its part"
-        raise WriteError(f"{target}: checkpoint not written ({reason}); the earlier checkpoints are intact") from error
+        raise WriteError(
+            f"{target}: checkpoint not written ({_one_line(reason)}); it needs about {needed / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB are free; the earlier checkpoints are intact"
+        ) from error
     if accelerator.is_main_process:
         old = target.with_name(f".{target.name}.old")
         if target.exists():
@@ -166,6 +243,27 @@ def save_checkpoint(accelerator, target: Path, state: TrainState, keep: Optional
                 shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return target
+
+
+def model_bytes(accelerator) -> int:
+    """Bytes of the prepared models' and optimizers' tensors: about what a checkpoint holds."""
+    total = 0
+    for model in accelerator._models:
+        total += sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    for optimizer in accelerator._optimizers:
+        for values in optimizer.state_dict().get("state", {}).values():
+            total += sum(t.numel() * t.element_size() for t in values.values() if isinstance(t, torch.Tensor))
+    return total
+
+
+def _space_needed(accelerator, tensors: int) -> int:
+    """The space a checkpoint takes: its tensors plus each rank's RNG file (a few KiB) and the trainer state."""
+    return tensors + accelerator.num_processes * 16_384 + 65_536
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 def load_checkpoint(accelerator, checkpoint: Path, rank: int) -> None:
@@ -201,3 +299,38 @@ def check_resume_config(cfg: Config, saved: Path) -> None:
                 f"{saved}: the run was trained with {key}={old.get(key)!r}, this command says {new[key]!r}; "
                 f"resume with the run's own config ({saved}) or start a new train.output_dir"
             )
+
+
+def resume_config(configs: Optional[list], overrides: list, resume) -> tuple[Config, object]:
+    """The config and the `resume` argument of `jc2a train [--config ...] [k=v ...] --resume [DIR|auto]`.
+
+    With DIR (a run folder, or a checkpoint inside one): DIR's own `config.yaml` is the config, its
+    `train.output_dir` DIR itself; `--config` files and overrides may change only `RESUME_FREE_KEYS` (one line
+    naming the first other key they change). Without DIR: the config as given, resumed from its output folder.
+    `auto`: as without DIR, but a run with no checkpoint yet starts afresh (a requeued job's first start).
+
+    Raises:
+        UserError: DIR holds no config.yaml; ConfigError: a key that may not change on resume.
+    """
+    if resume in (None, True, "auto"):
+        cfg = load_config(configs, overrides)
+        if resume == "auto":
+            resume = True if checkpoint_dirs(Path(cfg.train.output_dir)) else None
+        return cfg, resume
+    path = Path(resume)
+    run_dir = next((p for p in (path, path.parent, path.parent.parent) if (p / "config.yaml").is_file()), None)
+    if run_dir is None:
+        raise UserError(f"{path}: no config.yaml here or above: not a jc2a run folder (or a checkpoint of one)")
+    saved = run_dir / "config.yaml"
+    cfg = load_config(saved, [f"train.output_dir={run_dir}"])
+    if configs or overrides:
+        asked = load_config([saved, *(configs or [])], [*overrides, f"train.output_dir={run_dir}"])
+        base, new = flatten(cfg), flatten(asked)
+        for key in sorted(new):
+            if key not in RESUME_FREE_KEYS and base.get(key) != new[key]:
+                raise ConfigError(
+                    f"{saved}: resuming keeps the run's own {key}={base.get(key)!r}, the command says {new[key]!r}; "
+                    f"only {', '.join(RESUME_FREE_KEYS)} may change on resume (a new run: another train.output_dir)"
+                )
+        cfg = asked
+    return cfg, path

@@ -10,14 +10,17 @@ depend on the number of processes):
     torchrun --nproc_per_node 4 -m jc2a eval --checkpoint runs/coco-f0
 
 A model is evaluated on the novel classes of the fold it was trained on, and only there: several folds need a
-checkpoint path holding `{fold}`. What it writes in `--out` (default `<run>/eval`, or `./eval` for a bare model
-file or a `{fold}` path): results.json, results.md (laid out like the paper's Tables 1-2, the paper's numbers
-beside ours where the setting matches), metrics.jsonl and figures/episode-<n>.png.
+checkpoint path holding `{fold}`. Every (fold, shot, seed) is checked before the first episode. What it writes in
+`--out` (default `<run>/eval`; `<its folder>/eval` for a model file; `runs/coco-f0123-eval` for `runs/coco-f{fold}`
+on folds 0-3): results.json, results.md (laid out like the paper's Tables 1-2, the paper's numbers beside ours
+where the setting matches), metrics.jsonl and figures/episode-<n>.png. A failure part-way writes the rows measured
+so far (results.json: `"complete": false`). The MLflow run is linked to the training run(s) it evaluates.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from pathlib import Path
@@ -29,18 +32,18 @@ import torch.nn.functional as F
 import yaml
 
 from jc2a.config import Config, ConfigError, to_dict
-from jc2a.data.episodes import eval_loader, open_shards
+from jc2a.data.episodes import eval_list, eval_loader, open_shards
 from jc2a.data.transforms import Resize, eval_canvas
 from jc2a.errors import UserError
 from jc2a.folds import novel_classes
 from jc2a.labels import IGNORE_INDEX
 from jc2a.metrics import FewShotIoU, score_at_original_size
 from jc2a.runs.files import resolve_checkpoint
-from jc2a.runs.network import load_trained_model
+from jc2a.runs.network import load_trained_model, trained_config
 from jc2a.runs.preview import to_rgb
 from jc2a.runs.report import summarize, variant, write_results
 from jc2a.runs.session import autocast, close_accelerator, make_accelerator, setup_logging
-from jc2a.runs.tracking import RunLog, mlflow_params, run_name, start_tracking
+from jc2a.runs.tracking import RunLog, mlflow_params, start_tracking
 
 log = logging.getLogger("jc2a.runs")
 
@@ -201,10 +204,42 @@ def episode_panels(batch: dict, out, pred: torch.Tensor, target: torch.Tensor, c
 # --------------------------------------------------------------------------- the command
 
 
-def default_out(checkpoint: Union[str, os.PathLike]) -> Path:
-    """`<run>/eval` for a run folder, else `./eval` (a bare model file, or a `{fold}` template)."""
-    path = Path(os.fspath(checkpoint))
-    return path / "eval" if FOLD not in os.fspath(checkpoint) and path.is_dir() else Path("eval")
+def default_out(checkpoint: Union[str, os.PathLike], folds: Sequence[Optional[int]] = ()) -> Path:
+    """Where the reports go by default: `<run>/eval` for a run folder, `<its folder>/eval` for a model file, and
+    for a `{fold}` pattern a folder named for it beside the runs: `runs/coco-f{fold}` evaluated on folds 0-3 ->
+    `runs/coco-f0123-eval` (never the working folder)."""
+    text = os.fspath(checkpoint)
+    if FOLD in text:
+        parent = Path(text.split(FOLD)[0] + "x").parent  # the folder above the part that names the fold
+        named = os.path.relpath(text.replace(FOLD, "".join(str(f) for f in folds if f is not None)), parent)
+        return parent / (named.replace(os.sep, "-") + "-eval")
+    path = Path(text)
+    return path / "eval" if path.is_dir() else path.parent / "eval"
+
+
+def check_feasible(cfg: Config, shots: Sequence[int], seeds: Sequence[int], episodes: int) -> None:
+    """Every (shot, seed) episode list of this fold can be drawn (enough usable images per class): refused with
+    one line before the first episode runs, not after the 1-shot rows (the lists come from the index alone)."""
+    shards = open_shards(cfg.data, cfg.data.val_split)
+    try:
+        for shot in shots:
+            data = cfg.data.model_copy(update={"shot": shot})
+            for seed in seeds:
+                eval_list(data, shards, seed, episodes)
+    finally:
+        shards.close()
+
+
+def _train_run_id(path: Path) -> Optional[str]:
+    """The MLflow run id of the training run a run folder (or a model file in one) belongs to, if it was tracked."""
+    for folder in (path, path.parent):
+        summary = folder / "train_summary.json"
+        if summary.is_file():
+            try:
+                return json.loads(summary.read_text()).get("mlflow_run_id")
+            except (OSError, ValueError):
+                return None
+    return None
 
 
 def evaluate(
@@ -236,32 +271,34 @@ def evaluate(
         weights: which weights of a run folder: `final` (model.safetensors, the default), `best` (best/, the best
             validation mIoU; PFENet reports the epoch with the best mIoU on the test episodes), or both.
     """
-    from accelerate.utils import gather_object
-
     from jc2a.runs.figures import save_figures
 
-    # 1. what to run: every fold's checkpoint is checked before anything runs
+    # 1. what to run: every checkpoint and every (fold, shot, seed) episode list is checked before anything runs,
+    #    and before the report folder exists (a refused evaluation leaves nothing behind)
     setup_logging()
     overrides = list(overrides)
     plan = plan_folds(checkpoint, folds)
     weights = list(dict.fromkeys(weights)) or ["final"]
+    shots = [int(k) for k in dict.fromkeys(shots)]
+    if min(shots) < 1 or (episodes is not None and episodes < 1) or figures < 0:
+        raise UserError(f"--shots must be >= 1, --episodes >= 1 and --figures >= 0 (got {shots}, {episodes}, "
+                        f"{figures})")  # fmt: skip
     for w in weights:
         for fold in plan:
             resolve_checkpoint(checkpoint_for(checkpoint, fold), w)
     model, cfg = load_for_fold(checkpoint, plan[0], configs, overrides, weights[0])
-    shots = [int(k) for k in dict.fromkeys(shots)]
     seeds = [int(s) for s in dict.fromkeys(seeds if seeds else cfg.data.eval_seeds)]
     episodes = int(episodes if episodes is not None else cfg.data.eval_episodes)
-    if min(shots) < 1 or episodes < 1 or figures < 0:
-        raise UserError(
-            f"--shots must be >= 1, --episodes >= 1 and --figures >= 0 (got {shots}, {episodes}, {figures})"
-        )
-    out = Path(out) if out is not None else default_out(checkpoint)
+    for fold in plan:
+        fold_overrides = [*overrides, *([f"data.fold={fold}"] if fold is not None else [])]
+        check_feasible(trained_config(checkpoint_for(checkpoint, fold), configs, fold_overrides), shots, seeds,
+                       episodes)  # fmt: skip
+    out = Path(out) if out is not None else default_out(checkpoint, plan)
 
-    # 2. the Accelerator (processes, device, autocast) and tracking
+    # 2. the Accelerator (processes, device, autocast) and tracking, linked to the training run(s)
     run_dir = Path(checkpoint_for(checkpoint, plan[0]))
-    tracking, artifacts = start_tracking(cfg, run_dir if run_dir.is_dir() else out)
-    accelerator = make_accelerator(cfg, tracking=tracking, logging_dir=artifacts)
+    tracking = start_tracking(cfg, run_dir if run_dir.is_dir() else out)
+    accelerator = make_accelerator(cfg, trackers=tracking.trackers, logging_dir=tracking.logging_dir)
     main, world = accelerator.is_main_process, accelerator.num_processes
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -269,13 +306,83 @@ def evaluate(
             stale.unlink()
     accelerator.wait_for_everyone()
     runlog = RunLog(accelerator, out, tracking)
+    folds_text = "".join(str(cfg.data.fold if f is None else f) for f in plan)
+    trained = {f: _train_run_id(Path(checkpoint_for(checkpoint, f))) for f in plan}
+    trained_ids = [i for i in dict.fromkeys(trained.values()) if i]
     tags = {"jc2a.kind": "eval", "jc2a.checkpoint": os.fspath(checkpoint), "jc2a.processes": str(world),
-            "jc2a.weights": ",".join(weights), "jc2a.backbone_weights": model.backbone.weights_source}  # fmt: skip
-    runlog.start(cfg.train.experiment or cfg.data.dataset, "eval-" + run_name(cfg, variant(cfg)), mlflow_params(cfg),
-                 None, tags)  # fmt: skip
+            "jc2a.weights": ",".join(weights), "jc2a.backbone_weights": model.backbone.weights_source,
+            "jc2a.folds": ",".join(folds_text), "jc2a.shots": ",".join(map(str, shots)),
+            "jc2a.seeds": ",".join(map(str, seeds)), "jc2a.episodes": str(episodes)}  # fmt: skip
+    if trained_ids:
+        tags["jc2a.train_run_ids"] = ",".join(trained_ids)
+        if len(trained_ids) == 1:  # one training run: the evaluation nests under it in MLflow's UI
+            tags["mlflow.parentRunId"] = trained_ids[0]
+    params = {k: v for k, v in mlflow_params(cfg).items() if k not in ("data.fold", "data.shot")}
+    params.update({"eval.folds": folds_text, "eval.shots": "+".join(map(str, shots)),
+                   "eval.seeds": ",".join(map(str, seeds)), "eval.episodes": episodes})  # fmt: skip
+    name = (f"eval-{cfg.data.dataset}-f{folds_text}-{'+'.join(map(str, shots))}shot-{cfg.model.backbone.name}-"
+            f"{variant(cfg)}")  # fmt: skip
+    eval_id = runlog.start(cfg.train.experiment or cfg.data.dataset, name, params, None, tags)
+    for train_id in trained_ids:  # the training run points back at its evaluations
+        runlog.tag(f"jc2a.eval.{eval_id}", f"folds {folds_text}, shots {'+'.join(map(str, shots))}", train_id)
 
-    # 3. every (weights, fold, shot, seed); the first one's first episodes also become figures
-    rows, panels, checkpoints, first_cfg, title, class_names = [], [], {}, cfg, "", {}
+    # 3. every (weights, fold, shot, seed); the first one's first episodes also become figures. A failure part-way
+    #    still writes what was measured (results.json says it is incomplete) and marks the MLflow run FAILED.
+    rows, checkpoints, first_cfg = [], {}, cfg
+    try:
+        title, class_names, panels = _run_all(
+            accelerator, checkpoint, configs, overrides, weights, plan, shots, seeds, episodes, figures, progress,
+            model, cfg, rows, checkpoints, runlog,
+        )  # fmt: skip
+    except BaseException as exc:
+        if main:
+            write_results(out, {"rows": rows, "summary": summarize(rows), "config": to_dict(first_cfg),
+                                "checkpoint": os.fspath(checkpoint), "checkpoints": checkpoints, "complete": False,
+                                "error": str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})
+        runlog.end_interrupted(exc)
+        raise
+
+    # 4. reports (main process): results.json, results.md, figures; the same to MLflow (and the figures to the
+    #    training run, when there is one)
+    results: dict[str, Any] = {
+        "rows": rows,
+        "summary": summarize(rows),
+        "config": to_dict(first_cfg),
+        "checkpoint": os.fspath(checkpoint),
+        "checkpoints": checkpoints,
+        "shots": shots,
+        "seeds": seeds,
+        "weights": weights,
+        "processes": world,
+        "complete": True,
+        "mlflow_run_id": eval_id,
+        "train_run_ids": trained_ids,
+    }
+    if main:
+        written = save_figures(panels, out / "figures", class_names, title) if panels else []
+        results["figures"] = [p.name for p in written]
+        for path in write_results(out, results):
+            runlog.artifact(path)
+        if written:
+            runlog.artifact(out / "figures", "figures")
+            if len(trained_ids) == 1:
+                runlog.artifact(out / "figures", "eval/figures", run_id=trained_ids[0])
+        for s in results["summary"]:
+            key = f"{s['shot']}shot" + (f"/{s['weights']}" if s["weights"] != "final" else "")
+            runlog.log({f"miou/{key}/mean": s["miou_mean"], f"miou/{key}/std": s["miou_std"],
+                        f"fbiou/{key}/mean": s["fbiou_mean"], f"fbiou/{key}/std": s["fbiou_std"]}, step=0)  # fmt: skip
+    close_accelerator(accelerator)
+    return results
+
+
+def _run_all(accelerator, checkpoint, configs, overrides, weights, plan, shots, seeds, episodes, figures, progress,
+             model, cfg, rows: list, checkpoints: dict, runlog) -> tuple[str, dict, list]:
+    """Every (weights, fold, shot, seed) of an evaluation, appending its rows to `rows` as they are measured (so a
+    failure part-way keeps them); returns the figures' title, class names and panels."""
+    from accelerate.utils import gather_object
+
+    main, world = accelerator.is_main_process, accelerator.num_processes
+    title, class_names, panels = "", {}, []
     for n, (w, fold) in enumerate((w, fold) for w in weights for fold in plan):
         if n > 0:
             model, cfg = load_for_fold(checkpoint, fold, configs, overrides, w)
@@ -303,32 +410,7 @@ def evaluate(
         shards.close()
         accelerator.free_memory(model)
         model = None
-
-    # 4. reports (main process): results.json, results.md, figures; the same to MLflow
-    results: dict[str, Any] = {
-        "rows": rows,
-        "summary": summarize(rows),
-        "config": to_dict(first_cfg),
-        "checkpoint": os.fspath(checkpoint),
-        "checkpoints": checkpoints,
-        "shots": shots,
-        "seeds": seeds,
-        "weights": weights,
-        "processes": world,
-    }
-    if main:
-        written = save_figures(panels, out / "figures", class_names, title) if panels else []
-        results["figures"] = [p.name for p in written]
-        for path in write_results(out, results):
-            runlog.artifact(path)
-        if written:
-            runlog.artifact(out / "figures", "figures")
-        for s in results["summary"]:
-            key = f"{s['shot']}shot" + (f"/{s['weights']}" if s["weights"] != "final" else "")
-            runlog.log({f"miou/{key}/mean": s["miou_mean"], f"miou/{key}/std": s["miou_std"],
-                        f"fbiou/{key}/mean": s["fbiou_mean"], f"fbiou/{key}/std": s["fbiou_std"]}, step=0)  # fmt: skip
-    close_accelerator(accelerator)
-    return results
+    return title, class_names, panels
 
 
 def _row(cfg: Config, seed: int, result: dict, weights: str, backbone_weights: str) -> dict:

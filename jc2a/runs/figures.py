@@ -77,3 +77,27 @@ def save_figures(items: Sequence[Mapping[str, Any]], out: Path, class_names: Map
         save_prediction_figure(item, out / f"episode-{int(item['episode']):04d}.png", class_names, title)
         for item in sorted(items, key=lambda i: int(i["episode"]))
     ]
+
+
+def training_curve(metrics: Path, path: Path, title: str = "training") -> Path:
+    """Loss and validation mIoU against the step, from a run's metrics.jsonl, as a PNG."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_miou"]) for r in records if "val_miou" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if loss:
+        ax.plot(*zip(*loss), color="tab:blue", label="training loss (main + aux)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="tab:blue")
+    if val:
+        twin = ax.twinx()
+        twin.plot(*zip(*val), "o-", color="tab:orange", label="validation mIoU (novel classes)")
+        twin.set_ylabel("validation mIoU (%)", color="tab:orange")
+    return save_figure(fig, path, title, dpi=100)

@@ -58,13 +58,17 @@ class Prediction:
 # --------------------------------------------------------------------------- inputs
 
 
-def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
-    """An image file as RGB `uint8 [H, W, 3]`, EXIF orientation ignored (as the shards); one-line errors."""
+def read_image(path: Union[str, os.PathLike], max_pixels: Optional[int] = None) -> np.ndarray:
+    """An image file as RGB `uint8 [H, W, 3]`, EXIF orientation ignored (as the shards); one-line errors. More than
+    `max_pixels` pixels (default `data.max_image_pixels`' default) is refused from the header, before decoding."""
     import cv2
+
+    from jc2a.data.records import MAX_IMAGE_PIXELS, image_size
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: image not found")
+    image_size(path, str(path), max_pixels or MAX_IMAGE_PIXELS)  # the header only: a bomb is refused here
     data = np.fromfile(path, np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
     if image is None:
@@ -72,19 +76,48 @@ def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def read_mask(path: Union[str, os.PathLike]) -> np.ndarray:
-    """A mask file as `[H, W]` values (palette PNGs as their indices), not yet binarised (`support_mask`)."""
-    from PIL import Image, UnidentifiedImageError
+def read_mask(path: Union[str, os.PathLike], max_pixels: Optional[int] = None) -> np.ndarray:
+    """A mask file as `[H, W]` values (palette PNGs as their indices), not yet binarised (`support_mask`). More than
+    `max_pixels` pixels (default `data.max_image_pixels`' default) is refused from the header, before decoding."""
+    from PIL import UnidentifiedImageError
+
+    from jc2a.data.records import MAX_IMAGE_PIXELS, opened_image
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: mask not found")
     try:
-        with Image.open(path) as img:
+        with opened_image(path, str(path), max_pixels or MAX_IMAGE_PIXELS, "mask") as img:
             img.load()
             return mask_array(img, str(path))
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise UserError(f"{path}: unreadable mask ({exc})") from None
+
+
+def check_device(device: Optional[Union[str, torch.device]]) -> torch.device:
+    """`device` as a torch.device this machine has (None: CUDA when available, else the CPU); a UserError in one
+    line for a name torch does not know or a device that is not here (`cuda` without CUDA, `cuda:3` of 2)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise UserError(f"device {str(device)[:40]!r}: not a device name (cpu, cuda, cuda:1, mps): {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"device {str(device)!r}: CUDA is not available on this machine (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda or 'none'}); use cpu"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0..{count - 1}")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UserError(f"device {str(device)!r}: MPS (Apple GPU) is not available on this machine; use cpu")
+    elif dev.type != "cpu":
+        raise UserError(f"device {str(device)!r}: jc2a predicts on cpu, cuda or mps")
+    return dev
 
 
 def image_array(image: ImageLike, name: str) -> np.ndarray:
@@ -155,7 +188,7 @@ class Predictor:
     """
 
     def __init__(self, model: torch.nn.Module, cfg: Config, device: Optional[Union[str, torch.device]] = None) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = check_device(device)
         self.model = model.to(self.device).eval()
         self.cfg = cfg
         self.size = cfg.data.image_size
@@ -269,6 +302,15 @@ def canvas_to_image(logits: torch.Tensor, region: tuple[int, int], size: tuple[i
 # --------------------------------------------------------------------------- the command
 
 
+def _pixel_limit(args) -> int:
+    """`data.max_image_pixels` of the --config files and a `data.max_image_pixels=` override (the run's own config
+    is read with the model, after the inputs)."""
+    from jc2a.config import load_config
+
+    mine = [o for o in args.overrides if o.split("=", 1)[0].strip() == "data.max_image_pixels"]
+    return load_config(args.config or None, mine).data.max_image_pixels
+
+
 def split_support(text: str) -> tuple[Path, Path]:
     """`IMG:MASK` -> (image, mask); the split is at the colon after an existing image path when there are several."""
     if ":" not in text:
@@ -336,12 +378,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    # 1. every input is read and checked before the model is loaded
+    # 1. the device and every input are checked (images from their headers first) before the model is loaded
+    check_device(args.device)
+    limit = _pixel_limit(args)
     pairs = [split_support(text) for text in args.support]
-    supports = [read_image(image) for image, _ in pairs]
-    masks = [read_mask(mask) for _, mask in pairs]
+    supports = [read_image(image, limit) for image, _ in pairs]
+    masks = [read_mask(mask, limit) for _, mask in pairs]
     queries = [Path(q) for q in args.query]
-    images = [read_image(q) for q in queries]
+    images = [read_image(q, limit) for q in queries]
     predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.config, args.overrides)
     names = [os.fspath(image) for image, _ in pairs]
     prepared = predictor.prepare_supports(supports, masks, names, [os.fspath(mask) for _, mask in pairs])
@@ -360,6 +404,7 @@ __all__ = [
     "Predictor",
     "add_arguments",
     "canvas_to_image",
+    "check_device",
     "read_image",
     "read_mask",
     "run",

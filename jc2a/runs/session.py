@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -24,7 +24,9 @@ def setup_logging() -> None:
         logging.getLogger("jc2a").setLevel(logging.INFO)
 
 
-def make_accelerator(cfg: Config, *, tracking: bool = False, logging_dir: Optional[Path] = None, **kwargs: Any):
+def make_accelerator(
+    cfg: Config, *, trackers: Sequence[str] = (), logging_dir: Optional[Path] = None, **kwargs: Any
+):
     """One Accelerator for every setting: CPU (gloo), one GPU, DDP on N GPUs and nodes, DeepSpeed.
 
     Mixed precision is `train.mixed_precision`; fp16 needs a GPU (accelerate would silently run fp32 on a CPU), so
@@ -49,7 +51,7 @@ def make_accelerator(cfg: Config, *, tracking: bool = False, logging_dir: Option
     return Accelerator(
         cpu=not cuda and not deepspeed,
         mixed_precision=precision,
-        log_with="mlflow" if tracking else None,
+        log_with=list(trackers) or None,
         project_config=project,
         **kwargs,
     )

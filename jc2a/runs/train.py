@@ -28,23 +28,29 @@ from typing import Any, Iterator, Optional
 import torch
 from accelerate.utils import send_to_device
 
-from jc2a.config import Config, ConfigError, load_config, save_config
+from jc2a.config import Config, ConfigError, save_config
 from jc2a.data.episodes import open_shards, train_loader
+from jc2a.errors import Preempted
 from jc2a.runs.bank import bank_fingerprint, build_bank, ensure_bank
 from jc2a.runs.checkpoints import (
+    RESUME_FREE_KEYS,
     STATE_FILE,
     TrainState,
+    all_ok,
     check_resume_config,
     find_resume,
     load_checkpoint,
+    resume_config,
     save_checkpoint,
+    verify_checkpoint,
 )
+from jc2a.runs.figures import training_curve
 from jc2a.runs.files import BANK_FILE, CONFIG_FILE, MODEL_FILE, save_bank, save_model_file
 from jc2a.runs.report import variant
 from jc2a.runs.schedule import BatchPlan, batch_plan, poly
 from jc2a.runs.session import close_accelerator, make_accelerator, setup_logging, uses_cpu_fp16
 from jc2a.runs.step import Stepper, trace
-from jc2a.runs.tracking import RunLog, mlflow_params, run_name, start_tracking
+from jc2a.runs.tracking import RunLog, Tracking, mlflow_params, run_name, start_tracking
 
 log = logging.getLogger("jc2a.runs")
 
@@ -61,27 +67,33 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
 
     from jc2a.runs.network import build_network
 
-    # 1. the run folder, tracking, the Accelerator and the launch's arithmetic (global batch, effective lr)
+    # 1. what to resume (a finished run is left as it is), tracking, the Accelerator, the launch's arithmetic
     setup_logging()
     run_dir = Path(cfg.train.output_dir)
     checkpoint = find_resume(cfg, resume)
     if checkpoint is not None:
         check_resume_config(cfg, run_dir / CONFIG_FILE)
-    tracking, artifacts = start_tracking(cfg, run_dir)
-    accelerator = _accelerator(cfg, tracking, artifacts)
+        done = finished(run_dir, checkpoint)
+        if done is not None:
+            return done
+    tracking = start_tracking(cfg, run_dir)
+    accelerator = _accelerator(cfg, tracking)
     plan = batch_plan(cfg.train, accelerator.num_processes)
-    if accelerator.is_main_process:
-        log.info("%s", plan.describe())
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / CONFIG_FILE)
-    accelerator.wait_for_everyone()
 
-    # 2. identical initial weights on every rank, then each rank's own randomness (dropout, P2B's ties); the data
+    # 2. identical initial weights on every rank, then each rank's own randomness (dropout, P2B's ties); the data.
+    #    Everything is checked before the run folder exists: a refused run leaves nothing behind.
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.train.seed)
     model = build_network(cfg)
     torch.manual_seed(rank_seed(cfg.train.seed, rank))
     shards = open_shards(cfg.data, cfg.data.train_split), open_shards(cfg.data, cfg.data.val_split)
+    if accelerator.is_main_process:
+        log.info("%s", plan.describe())
+        if getattr(model, "init_note", None):
+            log.info("init_from: %s", model.init_note)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / CONFIG_FILE)
+    accelerator.wait_for_everyone()
     loader = train_loader(cfg.data, cfg.train.seed, cfg.train.batch_size, model.backbone.mean, rank, world, shards[0])
     loader.pin_memory = accelerator.device.type == "cuda"
     total_steps = cfg.train.max_steps or cfg.train.epochs * max(1, len(loader) // cfg.train.grad_accum)
@@ -102,7 +114,7 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
 
     # 4. resume: weights, optimizer, scheduler, scaler, RNG, data position, step, bank
     if checkpoint is not None:
-        state = _resume(accelerator, checkpoint, total_steps, scaler)
+        state = _resume(accelerator, checkpoint, cfg, total_steps, scaler)
 
     # 5. the tracked run, then the loop; an interrupted run ends its MLflow run before the error goes on
     runlog = RunLog(accelerator, run_dir, tracking)
@@ -118,9 +130,10 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
                 Stepper(accelerator, model, accelerator.unwrap_model(model), optimizer, scheduler, params,
                         cfg.train.clip_grad, scaler), progress)  # fmt: skip
     try:
-        loop.run()
+        with StopSignals() as loop.stop:  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit to be requeued
+            loop.run()
         summary = loop.finish()
-    except BaseException as exc:  # Ctrl-C, a scheduler's timeout, an error: the MLflow run must not stay open
+    except BaseException as exc:  # Ctrl-C, a preemption, an error: the MLflow run must not stay open
         runlog.end_interrupted(exc)
         raise
     close_accelerator(accelerator, model, optimizer, scheduler)
@@ -150,6 +163,7 @@ class Loop:
         self.core = self.accelerator.unwrap_model(self.model)
         self.metrics: dict = {}
         self.tick = time.perf_counter()
+        self.stop: Optional[StopSignals] = None
 
     def run(self) -> None:
         """Micro-batches until the planned number of optimizer steps is done."""
@@ -181,7 +195,8 @@ class Loop:
                 self.rebuild_bank()
 
     def after_step(self, batch: dict) -> None:
-        """1. trace, 2. float metrics with an explicit step, 3. validations and best/, 4. a checkpoint."""
+        """1. trace, 2. float metrics with an explicit step, 3. validations and best/, 4. a checkpoint, 5. a stop
+        asked for by a signal on any rank: this step's checkpoint, then `Preempted`."""
         cfg, state = self.cfg.train, self.state
         last = state.step == state.total_steps
         self.bar.update(1)
@@ -199,14 +214,22 @@ class Loop:
             self.metrics.update(self.validate(full=False))
         if cfg.val_full_every and (state.step % cfg.val_full_every == 0 or last):
             self.metrics.update(self.validate(full=True))
-        if (cfg.save_every and state.step % cfg.save_every == 0) or last:
+        saved = (cfg.save_every and state.step % cfg.save_every == 0) or last
+        if saved:
             self.save(self.run_dir / "checkpoints" / f"step-{state.step}", cfg.keep_checkpoints)
+        if self.stop is not None and not last and not all_ok(self.accelerator, self.stop.signal is None):
+            target = self.run_dir / "checkpoints" / f"step-{state.step}"
+            if not saved:
+                self.save(target, cfg.keep_checkpoints)
+            name = self.stop.signal or "a signal on another rank"
+            raise Preempted(f"{self.run_dir}: stopped by {name} at step {state.step} of {state.total_steps}; "
+                            f"checkpoint {target}; continue with `jc2a train --resume {self.run_dir}`")  # fmt: skip
 
     def save(self, target: Path, keep: Optional[int] = None) -> None:
         """A checkpoint of the run as it stands (the CPU fp16 scaler's state inside the trainer state)."""
         if self.stepper.scaler is not None:
             self.state.loss_scale = {k: float(v) for k, v in self.stepper.scaler.state_dict().items()}
-        save_checkpoint(self.accelerator, target, self.state, keep)
+        save_checkpoint(self.accelerator, target, self.state, keep, self.cfg)
 
     def validate(self, full: bool) -> dict:
         """Validation on the fold's evaluation list (the evaluation's own scoring); a new best mIoU is saved as best/.
@@ -259,15 +282,66 @@ class Loop:
             (run_dir / "train_summary.json").write_text(
                 json.dumps({**dataclasses.asdict(state), "last": self.metrics}, indent=1)
             )
+            training_curve(run_dir / "metrics.jsonl", run_dir / "training_curve.png", run_name(self.cfg))
         accelerator.wait_for_everyone()
-        for name in (CONFIG_FILE, BANK_FILE, MODEL_FILE, "metrics.jsonl"):
+        for name in (CONFIG_FILE, BANK_FILE, MODEL_FILE, "metrics.jsonl", "training_curve.png"):
             if (run_dir / name).exists():
                 self.runlog.artifact(run_dir / name)
+        if self.cfg.train.register_model:
+            self.runlog.register(run_dir / MODEL_FILE, self.cfg.train.register_model)
         return {**self.metrics, "step": state.step, "skipped_steps": state.skipped_steps, "run_dir": str(run_dir),
                 "mlflow_run_id": state.mlflow_run_id}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- set-up helpers
+
+
+def finished(run_dir: Path, checkpoint: Path) -> Optional[dict]:
+    """The summary of a run whose last checkpoint is its final step and whose model file is written (resuming it
+    has nothing to do), else None."""
+    state = TrainState.load(checkpoint / STATE_FILE)
+    summary = run_dir / "train_summary.json"
+    if state.step < state.total_steps or not (run_dir / MODEL_FILE).is_file() or not summary.is_file():
+        return None
+    log.info("%s: finished at step %d of %d (%s written): nothing to resume", run_dir, state.step, state.total_steps,
+             run_dir / MODEL_FILE)  # fmt: skip
+    done = json.loads(summary.read_text())
+    return {**done.get("last", {}), "step": state.step, "skipped_steps": state.skipped_steps, "run_dir": str(run_dir),
+            "mlflow_run_id": state.mlflow_run_id, "finished": True}  # fmt: skip
+
+
+class StopSignals:
+    """While active (a `with` block in the main thread), SIGTERM and SIGUSR1 set `signal` instead of killing the
+    process: the loop finishes its step, writes a checkpoint and raises `Preempted` (SLURM sends SIGTERM before it
+    preempts or times out a job, and SIGUSR1 with `--signal`). The previous handlers come back on exit."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.signal: Optional[str] = None
+        self._previous: dict = {}
+
+    def _handle(self, number, frame) -> None:  # signal's handler signature
+        import signal
+
+        self.signal = signal.Signals(number).name
+        log.warning("%s received: stopping after this step with a checkpoint", self.signal)
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    self._previous[name] = signal.signal(getattr(signal, name), self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for name, handler in self._previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -279,12 +353,12 @@ def rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, 0x72616E6B, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _accelerator(cfg: Config, tracking: bool, artifacts: Optional[Path]):
+def _accelerator(cfg: Config, tracking: Tracking):
     """The Accelerator of a training run; DeepSpeed takes the batch, accumulation and clipping from the config."""
     from accelerate.utils import DistributedDataParallelKwargs
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.aux_weight == 0)
-    accelerator = make_accelerator(cfg, tracking=tracking, logging_dir=artifacts,
+    accelerator = make_accelerator(cfg, trackers=tracking.trackers, logging_dir=tracking.logging_dir,
                                    gradient_accumulation_steps=cfg.train.grad_accum,
                                    step_scheduler_with_optimizer=False, kwargs_handlers=[ddp])  # fmt: skip
     plugin = accelerator.state.deepspeed_plugin
@@ -298,10 +372,11 @@ def _accelerator(cfg: Config, tracking: bool, artifacts: Optional[Path]):
     return accelerator
 
 
-def _resume(accelerator, checkpoint: Path, total_steps: int, scaler) -> TrainState:
-    """The run's state from `checkpoint` (weights, optimizer, scheduler, RNG through `load_checkpoint`)."""
+def _resume(accelerator, checkpoint: Path, cfg: Config, total_steps: int, scaler) -> TrainState:
+    """The run's state from `checkpoint` once it has proved itself (`verify_checkpoint`: its step, its config, the
+    sha256 of every file), then the weights, optimizer, scheduler and RNG through `load_checkpoint`."""
+    state = verify_checkpoint(checkpoint, cfg)
     load_checkpoint(accelerator, checkpoint, accelerator.process_index)
-    state = TrainState.load(checkpoint / STATE_FILE)
     if state.total_steps != total_steps:
         raise ConfigError(f"{checkpoint}: planned for {state.total_steps} steps, this config plans {total_steps}")
     if scaler is not None and state.loss_scale:
@@ -321,15 +396,18 @@ def add_arguments(parser) -> None:
         const=True,
         default=None,
         metavar="DIR",
-        help="continue from the latest complete checkpoint of train.output_dir, or of DIR (a run or checkpoint)",
+        help="continue a run: DIR (a run folder or one of its checkpoints) with DIR's own config.yaml, or without DIR "
+        "the latest checkpoint of train.output_dir; 'auto' starts a new run when there is no checkpoint yet (what a "
+        "requeued SLURM job runs). On resume --config and key=value may change only "
+        + ", ".join(RESUME_FREE_KEYS) + "; any other key is refused, naming it",
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.fold=1 train.max_steps=100")
 
 
 def run(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, resume=args.resume, progress=not args.no_progress)
+    cfg, resume = resume_config(args.config, args.overrides, args.resume)
+    summary = train(cfg, resume=resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, indent=1))
     return 0

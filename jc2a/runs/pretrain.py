@@ -1,0 +1,251 @@
+"""`jc2a pretrain`: a stand-in for ImageNet pretraining on the built-in toy data (issue 17).
+
+The paper freezes an ImageNet-pretrained ResNet; no weights can be downloaded on the machines jc2a is built on, so
+this trains a small timm CNN by image-level classification of all 80 toy classes (ImageNet, too, has seen most
+COCO classes) on a toy split of its own (`jc2a.data.toy.pretrain_images`: its own random streams, never a few-shot
+training or evaluation image), and writes its weights as safetensors in timm's key layout for the `features_only`
+model of the same architecture: `model.backbone.weights=FILE` loads them (strictly) into the backbone.
+
+    jc2a pretrain --out runs/pretrain/lcnet_100.safetensors         # ~2.5 minutes on 2 CPU cores
+    jc2a train --config configs/demo.yaml model.backbone.weights=runs/pretrain/lcnet_100.safetensors
+
+The recipe: `images` toy images of `size` px (1-3 classes each, every class equally often), 10% held out for the
+accuracy; random crops of `crop` px and horizontal flips; softmax cross-entropy against the image's classes (each
+present class 1/n of the target, as for multi-label pretraining at scale); SGD with Nesterov momentum, a linear
+warm-up then a cosine decay; stride 32 (the classification network; the segmentation backbone dilates the same
+weights to stride 8, as DeepLab/PFENet do with ImageNet ResNets). The same seed and thread count give the same
+file; `cached` reuses a file whose metadata (architecture, toy version, seed, recipe) matches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jc2a.data.toy import VERSION, VERSIONS, pretrain_images
+from jc2a.errors import UserError
+
+__all__ = ["FORMAT", "Recipe", "add_arguments", "cached", "pretrain", "read_summary", "run"]
+
+log = logging.getLogger("jc2a.runs")
+
+FORMAT = "jc2a-toy-pretrain/1"  # the safetensors metadata `format` of a pretrained toy backbone
+NUM_CLASSES = 80  # every COCO category of the toy data, base and novel (ImageNet has seen most COCO classes)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a pretrained file depends on (its cache key): the architecture, the toy data and the schedule."""
+
+    arch: str = "lcnet_100"  # PP-LCNet 1.0x: ResNet18's widths (64-128-256-512), ~6x cheaper on a CPU
+    version: int = VERSION  # toy data version (jc2a.data.toy.VERSIONS)
+    seed: int = 0
+    images: int = 3000  # drawn, 10% of them held out for the accuracy
+    size: int = 112
+    crop: int = 96
+    steps: int = 360
+    batch_size: int = 64
+    lr: float = 0.2
+    weight_decay: float = 5e-5
+    warmup: float = 0.05  # fraction of the steps
+
+    def key(self) -> str:
+        """The cache file's name: architecture, toy version, seed, then the rest of the recipe."""
+        return (f"{self.arch}-toy{self.version}-seed{self.seed}-{self.images}x{self.size}c{self.crop}-"
+                f"{self.steps}x{self.batch_size}-lr{self.lr:g}")  # fmt: skip
+
+    def check(self) -> None:
+        if self.version not in VERSIONS:
+            raise UserError(f"toy data version {self.version}: expected one of {', '.join(map(str, VERSIONS))}")
+        if not 8 <= self.crop <= self.size:
+            raise UserError(f"--crop {self.crop} must be between 8 and --size {self.size}")
+        if self.images < 20 or self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise UserError("--images must be >= 20 and --steps, --batch-size, --lr positive")
+
+
+def _schedule(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over the first `warmup` of the steps, then a cosine decay to zero."""
+    ramp = max(1, round(warmup * total))
+    if step < ramp:
+        return (step + 1) / ramp
+    return 0.5 * (1 + math.cos(math.pi * (step - ramp) / max(1, total - ramp)))
+
+
+def _batch(images: torch.Tensor, rng: np.random.Generator, crop: int) -> torch.Tensor:
+    """Random `crop` x `crop` crops (one offset per image) and horizontal flips of uint8 images `[B, S, S, 3]`."""
+    size = images.shape[1]
+    out = torch.empty((len(images), crop, crop, 3), dtype=torch.uint8)
+    offsets = rng.integers(0, size - crop + 1, size=(len(images), 2))
+    flips = rng.random(len(images)) < 0.5
+    for i, ((y, x), flip) in enumerate(zip(offsets.tolist(), flips.tolist())):
+        patch = images[i, y : y + crop, x : x + crop]
+        out[i] = patch.flip(1) if flip else patch
+    return out
+
+
+def _normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 `[B, H, W, 3]` -> float `[B, 3, H, W]`, `(x / 255 - mean) / std` (the backbone's own statistics)."""
+    return (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, crop: int) -> dict:
+    """On held-out images (centre crops): top-1 (the best class is one of the image's) and recall@n (the image's n
+    classes are its n best), in percent."""
+    model.eval()
+    offset = (images.shape[1] - crop) // 2
+    hits, recall = 0.0, 0.0
+    for start in range(0, len(images), 128):
+        x = _normalize(images[start : start + 128, offset : offset + crop, offset : offset + crop], mean, std)
+        logits, y = model(x), labels[start : start + 128]
+        hits += float(y.gather(1, logits.argmax(1, keepdim=True)).sum())
+        for row, target in zip(logits, y):
+            n = int(target.sum())
+            recall += float(target[row.topk(n).indices].float().mean()) if n else 1.0
+    model.train()
+    return {"top1": 100.0 * hits / len(images), "recall_at_n": 100.0 * recall / len(images)}
+
+
+def pretrain(out: Union[str, os.PathLike], recipe: Recipe = Recipe(), progress: bool = True) -> dict:
+    """Pretrain `recipe.arch` on the toy pretraining split and write its features' weights to `out`.
+
+    Returns the summary that is also the file's metadata (`read_summary`): the recipe, the held-out accuracy, the
+    seconds it took (drawing the images, training) and the thread count.
+
+    Raises:
+        UserError: a bad recipe, or an architecture whose classifier's keys do not cover its `features_only`
+            model's (create_backbone refuses the others by name).
+    """
+    import timm
+    from tqdm import tqdm
+
+    from jc2a.model.backbone import normalization, state_shapes
+    from jc2a.runs.files import write_safetensors
+
+    recipe.check()
+    start = time.perf_counter()
+    # 1. the pretraining split: its own streams of the toy generator, 10% held out
+    pixels, classes = pretrain_images(recipe.images, recipe.size, recipe.seed, recipe.version, NUM_CLASSES, progress)
+    held = max(10, recipe.images // 10)
+    images, labels = torch.from_numpy(pixels), torch.from_numpy(classes)
+    train_x, train_y, val_x, val_y = images[:-held], labels[:-held], images[-held:], labels[-held:]
+    keep = train_y.any(1)  # an image whose objects all got cropped or covered has no class to learn
+    train_x, train_y = train_x[keep], train_y[keep].float()
+    drawn = time.perf_counter() - start
+    # 2. the classifier, at the backbone's own input statistics
+    torch.manual_seed(recipe.seed)
+    model = timm.create_model(recipe.arch, pretrained=False, num_classes=NUM_CLASSES)
+    wanted = state_shapes(recipe.arch)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k, shape in wanted.items() if own.get(k) != shape]
+    if missing:
+        raise UserError(f"{recipe.arch}: its classifier lacks the backbone tensor {missing[0]!r}; pick another --arch")
+    mean_, std_ = normalization(recipe.arch)
+    mean, std = torch.tensor(mean_).view(1, 3, 1, 1), torch.tensor(std_).view(1, 3, 1, 1)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=recipe.lr, momentum=0.9, nesterov=True)  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, recipe.steps, recipe.warmup))
+    # 3. the loop: one fixed permutation stream, crops and flips from the same seed
+    rng = np.random.default_rng([recipe.seed, 0x9E7])
+    order: list[int] = []
+    model.train()
+    losses = []
+    bar = tqdm(range(recipe.steps), desc="pretrain", unit="step", disable=not progress, leave=False)
+    for _ in bar:
+        while len(order) < recipe.batch_size:
+            order += rng.permutation(len(train_x)).tolist()
+        index, order = order[: recipe.batch_size], order[recipe.batch_size :]
+        x = _normalize(_batch(train_x[index], rng, recipe.crop), mean, std)
+        y = train_y[index]
+        loss = -(F.log_softmax(model(x), dim=1) * (y / y.sum(1, keepdim=True))).sum(1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    trained = time.perf_counter() - start - drawn
+    # 4. the held-out accuracy, then the features' tensors (timm's key layout) with the summary as metadata
+    scores = accuracy(model, val_x, val_y, mean, std, recipe.crop)
+    state = model.state_dict()
+    tensors = {k: state[k].detach().contiguous().clone() for k in wanted}
+    summary = {"format": FORMAT, "recipe": asdict(recipe), **scores, "train_images": int(len(train_x)),
+               "held_out_images": int(held), "final_loss": float(np.mean(losses[-20:])),
+               "seconds_images": drawn, "seconds_training": trained, "threads": torch.get_num_threads()}  # fmt: skip
+    write_safetensors(out, tensors, {"format": FORMAT, "summary": json.dumps(summary)})
+    log.info("pretrained %s on %d toy images in %.0f s (+%.0f s drawing them): held-out top-1 %.1f%%, recall@n "
+             "%.1f%% -> %s", recipe.arch, len(train_x), trained, drawn, scores["top1"], scores["recall_at_n"],
+             out)  # fmt: skip
+    return summary
+
+
+def read_summary(path: Union[str, os.PathLike]) -> Optional[dict]:
+    """The summary stored in a pretrained file, or None when the file is missing or is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+    except (OSError, SafetensorError):
+        return None
+    if metadata.get("format") != FORMAT:
+        return None
+    try:
+        return json.loads(metadata["summary"])
+    except (KeyError, json.JSONDecodeError):
+        return None
+
+
+def cached(folder: Union[str, os.PathLike], recipe: Recipe = Recipe(), progress: bool = True) -> tuple[Path, dict]:
+    """The pretrained file of `recipe` in `folder` (`<recipe.key()>.safetensors`), pretrained first when it is not
+    there (or is not a complete file of this recipe). Returns (path, summary, with `reused` true or false)."""
+    path = Path(folder) / f"{recipe.key()}.safetensors"
+    summary = read_summary(path)
+    if summary is not None and summary.get("recipe") == asdict(recipe):
+        return path, {**summary, "reused": True}
+    return path, {**pretrain(path, recipe, progress), "reused": False}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser) -> None:
+    d = Recipe()
+    parser.add_argument("--out", type=Path, required=True, help="the weights file to write (safetensors)")
+    parser.add_argument("--arch", default=d.arch, help=f"a timm CNN create_backbone accepts (default {d.arch})")
+    parser.add_argument("--toy-version", type=int, default=d.version, choices=VERSIONS, help="toy data version")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--images", type=int, default=d.images, help=f"toy images drawn (default {d.images})")
+    parser.add_argument("--size", type=int, default=d.size, help=f"their side (default {d.size})")
+    parser.add_argument("--crop", type=int, default=d.crop, help=f"random crop side (default {d.crop})")
+    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak SGD lr (default {d.lr})")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    from jc2a.runs.session import setup_logging
+
+    setup_logging()
+    recipe = Recipe(args.arch, args.toy_version, args.seed, args.images, args.size, args.crop, args.steps,
+                    args.batch_size, args.lr)  # fmt: skip
+    summary = pretrain(args.out, recipe, progress=not args.no_progress)
+    print(f"{args.out}: {recipe.arch} pretrained on toy v{recipe.version} ({summary['train_images']} images, "
+          f"{recipe.steps} steps) in {summary['seconds_images'] + summary['seconds_training']:.0f} s; held-out "
+          f"top-1 {summary['top1']:.1f}%, recall@n {summary['recall_at_n']:.1f}%; "
+          f"use model.backbone.name={recipe.arch} model.backbone.weights={args.out}")  # fmt: skip
+    return 0
