@@ -184,14 +184,21 @@ class RunLog:
 
     def register(self, path: Path, name: str) -> Optional[str]:
         """`path` (a model file) logged under `model/` and registered as a new version of `name` in MLflow's model
-        registry (the sqlite store has one); the version, or None."""
+        registry (the sqlite store has one), its source the run's `model/` artifacts (a safetensors file, not an
+        MLflow flavour); the version, or None."""
         if not (self.mlflow and self.accelerator.is_main_process and self.run_id):
             return None
         try:
             import mlflow
 
             self.artifact(path, "model")
-            version = mlflow.register_model(f"runs:/{self.run_id}/model", name)
+            client = mlflow.MlflowClient()
+            try:
+                client.get_registered_model(name)
+            except mlflow.exceptions.MlflowException:  # the first version of this name
+                client.create_registered_model(name, description="JC2A models trained with jc2a (model.safetensors)")
+            source = f"{client.get_run(self.run_id).info.artifact_uri}/model"
+            version = client.create_model_version(name, source, run_id=self.run_id)
             log.info("registered %s as model %s version %s", path, name, version.version)
             return str(version.version)
         except Exception as exc:
