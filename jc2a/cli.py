@@ -28,14 +28,15 @@ COMMANDS = {
 }
 
 
-def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
-    """The parser; only `command`'s module is imported (all of them when None), so start-up stays quick."""
+def build_parser(command: Optional[str] = None, every: bool = False) -> argparse.ArgumentParser:
+    """The parser. Only `command`'s module is imported (all of them with `every`, none for `jc2a --help`), so
+    start-up stays quick."""
     parser = argparse.ArgumentParser(prog="jc2a", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        if command in (None, name):
+        if every or command == name:
             importlib.import_module(module).add_arguments(p)
     return parser
 

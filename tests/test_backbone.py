@@ -16,6 +16,7 @@ import torch
 from jc2a.model.backbone import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    TESTED_BACKBONES,
     Backbone,
     create_backbone,
     feature_size,
@@ -44,7 +45,7 @@ def test_non_resnet_cnn_works(name):
     assert [f.shape[-1] for f in feats] == [17, 9, 9, 9]
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "convnext_atto", "densenet121", "not_a_model_xyz"])
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "ghostnet_100", "densenet121", "not_a_model_xyz"])
 def test_unusable_backbone_refused_naming_it(name):
     with pytest.raises(ValueError, match=name):
         create_backbone(name, pretrained=False)
@@ -399,3 +400,43 @@ def test_train_bn_moves_the_frozen_backbones_statistics():
         frozen_stats = bb.features.bn1.running_mean.clone()
         bb(x)
         assert torch.equal(bb.features.bn1.running_mean, frozen_stats)  # eval(): no movement either way
+
+
+@pytest.mark.parametrize("name", TESTED_BACKBONES)
+def test_every_listed_backbone_family_runs_jc2a_at_stride_8(name):
+    """The README's list of backbones is this list: each builds JC2A (HPAM + CKMM) and segments a 65 px episode."""
+    from jc2a.config import load_config
+    from jc2a.model import build_model
+
+    cfg = load_config(REPO / "configs/toy.yaml", [f"model.backbone.name={name}", "model.backbone.pretrained=false",
+                                                  "data.image_size=65", "model.feat_dim=16"])  # fmt: skip
+    model = build_model(cfg).eval()
+    model.prototype_bank.sums.normal_()
+    model.prototype_bank.counts.fill_(1)
+    assert model.backbone.reductions == [4, 8, 8, 8]
+    query = torch.randint(0, 256, (1, 3, 65, 65), dtype=torch.uint8)
+    supports = torch.randint(0, 256, (1, 1, 3, 65, 65), dtype=torch.uint8)
+    masks = torch.zeros(1, 1, 65, 65, dtype=torch.uint8)
+    masks[..., 20:40, 20:40] = 1
+    with torch.no_grad():
+        logits = model(query, supports, masks)
+    assert logits.shape == (1, 2, 65, 65) and torch.isfinite(logits).all()
+
+
+def test_the_readme_lists_the_tested_backbones():
+    text = (REPO / "README.md").read_text()
+    assert ", ".join(f"`{n}`" for n in TESTED_BACKBONES) in text
+
+
+def test_a_mistyped_backbone_gets_a_suggestion():
+    with pytest.raises(ValueError, match=r"'resnet5O' is not a timm model \(did you mean 'resnet50'"):
+        create_backbone("resnet5O")
+
+
+REFUSED = [("ghostnet_100", "dilation not supported"), ("vit_tiny_patch16_224", "TypeError"), ("densenet121", "TypeError")]
+
+
+@pytest.mark.parametrize("name, why", REFUSED)
+def test_families_that_cannot_dilate_are_refused_by_name_with_the_reason(name, why):
+    with pytest.raises(ValueError, match=rf"'{name}' cannot be used: .*{why}.*these are tested: resnet18"):
+        create_backbone(name)

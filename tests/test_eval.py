@@ -253,3 +253,16 @@ def test_best_weights_of_a_bare_model_file_are_refused(trained, capsys):
                  "--no-progress"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert "best/model.safetensors; give the run folder" in err and len(err.splitlines()) == 1
+
+
+def test_heat_maps_are_cropped_to_the_image_and_scaled_within_it():
+    """A map bright in the canvas padding only (what a non-square query's padding gives): the figure's heat is the
+    image's region of the canvas, min-max scaled there, so the padding neither shows nor sets the scale."""
+    import numpy as np
+
+    from jc2a.runs.figures import crop_heat
+
+    heat = np.ones((65, 65), np.float32)  # padding: 1.0
+    heat[:40, :64] = np.linspace(0.1, 0.3, 64)[None, :]  # the image region: a ramp far below the padding
+    part = crop_heat(heat, (40, 64))
+    assert part.shape == (40, 64) and part.min() == 0.0 and part.max() == pytest.approx(1.0)

@@ -95,13 +95,26 @@ def test_cli_outputs_keep_each_querys_size(cli_out):
     for name, shape in (("q", (97, 143)), ("qt", (143, 97))):
         mask = cv2.imread(str(cli_out / f"{name}_mask.png"), cv2.IMREAD_UNCHANGED)
         prob = np.load(cli_out / f"{name}_prob.npy")
-        grey = cv2.imread(str(cli_out / f"{name}_prob.png"), cv2.IMREAD_UNCHANGED)
         overlay = cv2.imread(str(cli_out / f"{name}_overlay.png"))
-        assert mask.shape == prob.shape == grey.shape == shape and overlay.shape == (*shape, 3)
+        assert mask.shape == prob.shape == shape and overlay.shape == (*shape, 3)
         assert set(np.unique(mask)) <= {0, 255} and prob.dtype == np.float32
         assert 0.0 <= prob.min() <= prob.max() <= 1.0
-        assert np.array_equal(grey, np.round(prob * 255).astype(np.uint8))
         assert np.array_equal(mask == 255, prob > 0.5)
+
+
+def test_pictures_use_the_evaluations_prediction_colour_and_a_colour_scale(cli_out):
+    """The overlay tints the prediction in the evaluation figures' prediction colour (blue; yellow is their ground
+    truth), and the probability picture is in colour with its scale beside it (wider than the query)."""
+    from jc2a.runs.figures import GROUND_TRUTH, PREDICTION
+
+    mask = cv2.imread(str(cli_out / "q_mask.png"), cv2.IMREAD_UNCHANGED) == 255
+    overlay = cv2.cvtColor(cv2.imread(str(cli_out / "q_overlay.png")), cv2.COLOR_BGR2RGB).astype(int)
+    if mask.any():
+        tint = overlay[mask].mean(axis=0)
+        assert np.linalg.norm(tint - PREDICTION) < np.linalg.norm(tint - GROUND_TRUTH)
+    picture = cv2.imread(str(cli_out / "q_prob.png"))
+    assert picture.shape[1] > 143 and picture.shape[2] == 3
+    assert (np.ptp(picture.reshape(-1, 3), axis=1) > 30).mean() > 0.05  # coloured, not grey
 
 
 def test_python_api_equals_the_cli(run_dir, files, cli_out):

@@ -196,3 +196,36 @@ def test_an_uninstalled_tracker_is_one_line(coco_shards, tmp_path):
     proc = jc2a("train", *args(coco_shards, tmp_path / "run", "train.tracking=wandb"))
     assert proc.returncode == 2 and "wandb is not installed (pip install wandb)" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_logs_a_cluster_user_can_read(coco_shards, tmp_path):
+    """In a file (not a terminal): no carriage-return bars, a plain progress line instead; DeepSpeed's accelerator
+    line is gone; Ctrl-C ends with one line and the shell's status 130, no traceback."""
+    run = tmp_path / "run"
+    env = {**ENV, "JC2A_PROGRESS_SECONDS": "0"}
+    cmd = [sys.executable, "-m", "jc2a", "train", *args(coco_shards, run, "train.max_steps=3")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "\r" not in done.stderr and "train: 3/3 step" in done.stderr
+    assert "Setting accelerator to CPU" not in done.stdout + done.stderr
+    long = [sys.executable, "-m", "jc2a", "train", *args(coco_shards, tmp_path / "long", "train.max_steps=500")]
+    proc = subprocess.Popen(long, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "long/metrics.jsonl").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "jc2a train: interrupted"
+
+
+def test_help_answers_quickly():
+    """`jc2a --help` imports no command (and so no torch): it answers in well under a second once warm."""
+    jc2a("--help")  # warm the file cache
+    start = time.monotonic()
+    proc = jc2a("--help")
+    assert proc.returncode == 0 and "train" in proc.stdout
+    assert time.monotonic() - start < 1.0
+    code = "import sys; from jc2a.cli import build_parser; build_parser(None); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

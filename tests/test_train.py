@@ -323,8 +323,9 @@ def test_unreachable_mlflow_store_costs_a_warning_not_the_run(coco_shards, tmp_p
 
 def test_two_gloo_processes_stay_in_sync_and_draw_different_queries(coco_shards, tmp_path):
     run = tmp_path / "run"
-    launch(["train", "--no-progress", "--config", "configs/toy.yaml", *tiny(coco_shards, run, "train.max_steps=3"),
-            "train.trace_ranks=true"])  # fmt: skip
+    proc = launch(["train", "--no-progress", "--config", "configs/toy.yaml", *tiny(coco_shards, run,
+                   "train.max_steps=3"), "train.trace_ranks=true"])  # fmt: skip
+    assert proc.stderr.count("global batch 4 episodes per step") == 1  # INFO from the main process only
     ranks = [[json.loads(x) for x in (run / f"trace/rank-{r}.jsonl").read_text().splitlines()] for r in range(2)]
     assert [t["step"] for t in ranks[0]] == [t["step"] for t in ranks[1]] == [1, 2, 3]
     assert all(a["params"] == b["params"] for a, b in zip(*ranks))  # identical parameters after every step

@@ -35,6 +35,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OUT_INDICES = (1, 2, 3, 4)  # layer1..layer4 of a ResNet; the four stages after the stem in general
+OUT_INDICES_FOUR_LEVELS = (0, 1, 2, 3)  # models whose features_only has four levels (ConvNeXt)
+# families built and run at stride 8 by tests/test_backbone.py (the README lists them)
+TESTED_BACKBONES = (
+    "resnet18", "resnet50", "resnet101", "resnet50d", "resnext50_32x4d", "seresnet50", "res2net50_14w_8s",
+    "regnetx_002", "regnety_004", "efficientnet_b0", "mobilenetv2_100", "mobilenetv3_small_050", "mnasnet_100",
+    "rexnet_100", "cspresnet50", "xception41", "convnext_atto", "pfenet_resnet50",
+)  # fmt: skip
 OUTPUT_STRIDE = 8
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # timm's, the one source
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
@@ -331,28 +338,47 @@ def _create_features(name: str, *, pretrained: bool, **kwargs: Any) -> nn.Module
     variant = BACKBONE_VARIANTS.get(name)
     architecture = variant.architecture if variant is not None else name
     if not timm.is_model(architecture.split(".")[0]):
-        raise UserError(f"backbone {name!r} is not a timm model (nor one of {sorted(BACKBONE_VARIANTS)})")
+        raise UserError(f"backbone {name!r} is not a timm model{_did_you_mean(architecture.split('.')[0])}")
     extra = dict(variant.kwargs) if variant is not None else {}
-    try:
-        features = timm.create_model(
-            architecture,
-            pretrained=pretrained,
-            features_only=True,
-            out_indices=OUT_INDICES,
-            output_stride=OUTPUT_STRIDE,
-            **extra,
-            **kwargs,
-        )
-    except (TypeError, IndexError, AssertionError, NotImplementedError) as exc:
-        # TypeError: no `output_stride` (ViT, DenseNet...); IndexError: fewer than five feature levels;
-        # AssertionError / NotImplementedError: the model rejects output_stride=8 or features_only.
+    # five feature levels (a stem stage, then four: ResNets, RegNets, EfficientNets...) give their last four; four
+    # levels (ConvNeXt: its stem is the first stage's stride-4 input) give all four
+    features, error = None, None
+    for indices in (OUT_INDICES, OUT_INDICES_FOUR_LEVELS):
+        try:
+            features = timm.create_model(
+                architecture,
+                pretrained=pretrained,
+                features_only=True,
+                out_indices=indices,
+                output_stride=OUTPUT_STRIDE,
+                **extra,
+                **kwargs,
+            )
+            break
+        except IndexError as exc:  # fewer feature levels than these indices: the four-level layout next
+            error = exc
+        except (TypeError, AssertionError, NotImplementedError) as exc:
+            # TypeError: no `output_stride` (ViT, DenseNet...); AssertionError / NotImplementedError: the model
+            # rejects output_stride=8 (no dilation: GhostNet, DLA...) or features_only
+            error = exc
+            break
+    if features is None:
+        reason = f"{type(error).__name__}: {error}".rstrip(": ")
         raise UserError(
-            f"backbone {name!r} cannot be used: JC2A needs a timm CNN with four stages (out_indices "
-            f"{OUT_INDICES}) and dilation support for output_stride={OUTPUT_STRIDE} ({type(exc).__name__}: {exc})"
-        ) from exc
+            f"backbone {name!r} cannot be used: JC2A needs a timm CNN with four stages and dilation support for "
+            f"output_stride={OUTPUT_STRIDE} ({reason}); these are tested: {', '.join(TESTED_BACKBONES)}"
+        ) from error
     if variant is not None:
         variant.patch(features)
     return features
+
+
+def _did_you_mean(name: str) -> str:
+    """` (did you mean 'resnet50'?)` for a mistyped timm architecture, or nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(name, [*timm.list_models(), *BACKBONE_VARIANTS], n=3, cutoff=0.75)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def load_features_state(features: nn.Module, name: str, tensors: Mapping[str, Tensor], where: str) -> None:

@@ -19,11 +19,11 @@ from typing import Optional, Union
 import torch
 from accelerate.utils import send_to_device
 from torch import nn
-from tqdm import tqdm
 
 from jc2a.config import Config, ConfigError, load_config
 from jc2a.data.episodes import bank_loader, label_masks, open_shards
 from jc2a.data.locations import ShardSet
+from jc2a.progress import progress as show_progress
 from jc2a.runs.files import load_bank, save_bank
 from jc2a.runs.session import make_accelerator, setup_logging
 
@@ -47,14 +47,15 @@ def build_bank(accelerator, model, cfg: Config, shards: ShardSet, progress: bool
     bank.reset()
     loader = bank_loader(cfg.data, accelerator.process_index, accelerator.num_processes, batch_size=4, shards=shards)
     total = loader.dataset.instances()
-    bar = tqdm(
-        loader,
+    bar = show_progress(
+        total=len(loader.dataset),
         desc=f"CKMM bank (rank {accelerator.process_index})" if accelerator.num_processes > 1 else "CKMM bank",
         unit="img",
         disable=not (progress and accelerator.is_local_main_process),
     )
     skipped = 0
-    for batch in bar:
+    for batch in loader:
+        bar.update(len(batch["classes"]))
         skipped += int(batch["skipped"].sum())
         if not any(batch["classes"]):  # every image of the batch was unreadable
             continue
@@ -65,6 +66,7 @@ def build_bank(accelerator, model, cfg: Config, shards: ShardSet, progress: bool
         masks = torch.cat([label_masks(batch["label"][i], cs) for i, cs in enumerate(batch["classes"])])
         feats = model.extract_bank_features(batch["image"])  # uint8: normalised by the backbone
         bank.update(feats[owner], masks, classes)
+    bar.close()
     # 3. sums and counts added over the ranks (Eq. 12 divides them on use)
     bank.all_reduce()
     added = int(bank.counts.sum())

@@ -38,6 +38,7 @@ from jc2a.errors import UserError
 from jc2a.folds import novel_classes
 from jc2a.labels import IGNORE_INDEX
 from jc2a.metrics import FewShotIoU, score_at_original_size
+from jc2a.runs.figures import crop_heat
 from jc2a.runs.files import resolve_checkpoint
 from jc2a.runs.network import load_trained_model, trained_config
 from jc2a.runs.preview import to_rgb
@@ -137,7 +138,7 @@ def evaluate_episodes(
     """mIoU / FB-IoU of this process's share of the fold's episode list `seed` (K = `cfg.data.shot`), all-reduced
     over the processes: `FewShotIoU.compute()`'s dict, the same on every rank, and the figure material of the
     episodes numbered below `figures` that this rank ran (`episode_panels`)."""
-    from tqdm import tqdm
+    from jc2a.progress import progress as bar_of
 
     model.eval()
     device = accelerator.device
@@ -145,7 +146,7 @@ def evaluate_episodes(
     rank, world = accelerator.process_index, accelerator.num_processes
     loader = eval_loader(cfg.data, seed, rank, world, batch_size=1, shards=shards, episodes=episodes)
     items, canvas = [], eval_canvas(cfg.data.image_size, cfg.data.eval_resize)
-    bar = tqdm(total=len(loader), desc=desc, unit="episode", disable=not progress, leave=False)
+    bar = bar_of(total=len(loader), desc=desc, unit="episode", disable=not progress, leave=False)
     for batch in loader:
         # 1. forward on the S x S canvas under the accelerator's autocast; K supports fused by the model
         episode = int(batch["episode"][0])
@@ -195,7 +196,7 @@ def episode_panels(batch: dict, out, pred: torch.Tensor, target: torch.Tensor, c
         "supports": np.stack([to_rgb(s) for s in batch["support_imgs"][0].cpu()]),
         "support_masks": batch["support_masks"][0].cpu().numpy(),
         "prediction": out.logits[0].argmax(0).to(torch.uint8).cpu().numpy(),
-        "heat": heat.clamp(0, 1).cpu().numpy(),
+        "heat": crop_heat(heat.cpu().numpy(), canvas.region(int(label.shape[0]), int(label.shape[1]))),
         "heat_name": name,
         "iou": 100.0 * inter / max(union, 1),
     }

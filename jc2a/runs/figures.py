@@ -101,3 +101,28 @@ def training_curve(metrics: Path, path: Path, title: str = "training") -> Path:
         twin.plot(*zip(*val), "o-", color="tab:orange", label="validation mIoU (novel classes)")
         twin.set_ylabel("validation mIoU (%)", color="tab:orange")
     return save_figure(fig, path, title, dpi=100)
+
+
+def probability_figure(probability: np.ndarray, path: Path, title: str) -> Path:
+    """A probability map `[H, W]` in [0, 1] as a colour PNG with its colour scale (0 to 1), at about its own size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = probability.shape
+    dpi = 100
+    fig, ax = plt.subplots(figsize=(max(w, 64) / dpi + 1.2, max(h, 64) / dpi + 0.5), dpi=dpi)
+    shown = ax.imshow(probability, cmap="jet", vmin=0.0, vmax=1.0)
+    ax.axis("off")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="probability")
+    return save_figure(fig, path, title, dpi=dpi)
+
+
+def crop_heat(heat: np.ndarray, region: tuple[int, int]) -> np.ndarray:
+    """A class-agnostic map on the canvas `[S, S]` cut to the image's `region` (h, w) and min-max scaled within it:
+    the padding's own responses (a bright strip beside a non-square image) neither show nor set the scale."""
+    h, w = region
+    part = heat[:h, :w].astype(np.float32)
+    low, high = float(part.min()), float(part.max())
+    return (part - low) / (high - low) if high > low else np.zeros_like(part)

@@ -335,23 +335,28 @@ def output_names(queries: Sequence[Path]) -> list[str]:
 
 
 def save_prediction(out: Path, name: str, image: np.ndarray, result: Prediction) -> list[Path]:
-    """`<name>_mask.png` (0/255), `<name>_overlay.png`, `<name>_prob.png` (8-bit grey) and `<name>_prob.npy`."""
+    """`<name>_mask.png` (0/255), `<name>_overlay.png` (the prediction in the evaluation figures' prediction colour),
+    `<name>_prob.png` (the foreground probability in colour, with its colour scale) and `<name>_prob.npy`."""
     import cv2
 
+    from jc2a.runs.figures import PREDICTION, probability_figure
     from jc2a.runs.preview import overlay
 
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "mask": (out / f"{name}_mask.png", result.mask * np.uint8(255)),
-        "overlay": (out / f"{name}_overlay.png", cv2.cvtColor(overlay(image, result.mask), cv2.COLOR_RGB2BGR)),
-        "prob": (out / f"{name}_prob.png", np.round(result.probability * 255).astype(np.uint8)),
+        "overlay": (
+            out / f"{name}_overlay.png",
+            cv2.cvtColor(overlay(image, result.mask, PREDICTION), cv2.COLOR_RGB2BGR),
+        ),
     }
     for path, array in files.values():
         if not cv2.imwrite(os.fspath(path), array):
             raise WriteError(f"{path}: could not be written")
+    prob = probability_figure(result.probability, out / f"{name}_prob.png", f"{name}: foreground probability")
     npy = out / f"{name}_prob.npy"
     np.save(npy, result.probability.astype(np.float32))
-    return [p for p, _ in files.values()] + [npy]
+    return [p for p, _ in files.values()] + [prob, npy]
 
 
 def add_arguments(parser) -> None:

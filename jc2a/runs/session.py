@@ -16,12 +16,16 @@ log = logging.getLogger("jc2a.runs")
 
 
 def setup_logging() -> None:
-    """One line per message on stderr, once per process."""
-    if not logging.getLogger("jc2a").handlers:
+    """One line per message on stderr, once per process: INFO from the main process (rank 0), warnings and errors
+    only from the others, so N processes do not print every line N times (the rank: `RANK`, as accelerate launch
+    and torchrun set it, else SLURM's `SLURM_PROCID`)."""
+    jc2a = logging.getLogger("jc2a")
+    if not jc2a.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
-        logging.getLogger("jc2a").addHandler(handler)
-        logging.getLogger("jc2a").setLevel(logging.INFO)
+        jc2a.addHandler(handler)
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    jc2a.setLevel(logging.INFO if rank in ("", "0") else logging.WARNING)
 
 
 def make_accelerator(
@@ -37,6 +41,8 @@ def make_accelerator(
     from accelerate.utils import ProjectConfiguration
 
     cuda = torch.cuda.is_available()
+    if not cuda:  # DeepSpeed's accelerator detection would print "Setting accelerator to CPU" on every run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     precision = cfg.train.mixed_precision
     if precision == "fp16" and not cuda:
         if cfg.train.cpu_fp16:

@@ -31,6 +31,7 @@ from accelerate.utils import send_to_device
 from jc2a.config import Config, ConfigError, save_config
 from jc2a.data.episodes import open_shards, train_loader
 from jc2a.errors import Preempted
+from jc2a.progress import progress
 from jc2a.runs.bank import bank_fingerprint, build_bank, ensure_bank
 from jc2a.runs.checkpoints import (
     RESUME_FREE_KEYS,
@@ -167,11 +168,9 @@ class Loop:
 
     def run(self) -> None:
         """Micro-batches until the planned number of optimizer steps is done."""
-        from tqdm import tqdm
-
         state = self.state
         show = self.progress and self.accelerator.is_main_process
-        self.bar = tqdm(total=state.total_steps, initial=state.step, desc="train", unit="step", disable=not show)
+        self.bar = progress(total=state.total_steps, initial=state.step, desc="train", unit="step", disable=not show)
         self.model.train()
         batches = self.batches()
         while state.step < state.total_steps:
