@@ -86,10 +86,40 @@ def test_every_readme_command_parses(argv):
         raise AssertionError(f"a README command this test does not know how to check: {argv}")
 
 
-def test_python_api_of_the_readme():
+def test_the_python_api_is_listed_and_documented():
     import jc2a
 
-    assert callable(jc2a.Predictor.from_checkpoint) and callable(jc2a.Predictor.predict)
+    for name in ("train", "evaluate", "load_config", "Predictor"):
+        assert name in dir(jc2a), name
+        assert getattr(jc2a, name).__doc__, name
+
+
+@pytest.mark.slow
+def test_the_readmes_python_runs_as_written(coco_shards, tmp_path, monkeypatch):
+    """Every ```python block of the README, executed as it is written, in a folder holding what its text says is
+    there: the demo's shards (the session's toy shards) and the three pictures it segments."""
+    import cv2
+    import numpy as np
+
+    (tmp_path / "runs/demo").mkdir(parents=True)
+    (tmp_path / "runs/demo/shards").symlink_to(coco_shards, target_is_directory=True)
+    rng = np.random.default_rng(0)
+    for name in ("street", "dog1"):
+        image = rng.integers(0, 90, (96, 128, 3), dtype=np.uint8)
+        image[30:70, 40:90] = (230, 40, 30)
+        cv2.imwrite(str(tmp_path / f"{name}.jpg"), image)
+    mask = np.zeros((96, 128), np.uint8)
+    mask[30:70, 40:90] = 255
+    cv2.imwrite(str(tmp_path / "dog1.png"), mask)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert blocks
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert namespace["result"].mask.shape == (96, 128)
+    assert {r["shot"] for r in namespace["results"]["summary"]} == {1, 5}
 
 
 def test_every_linked_file_exists():

@@ -229,3 +229,24 @@ def test_help_answers_quickly():
     assert time.monotonic() - start < 1.0
     code = "import sys; from jc2a.cli import build_parser; build_parser(None); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_a_second_writer_of_a_run_folder_is_refused(coco_shards, tmp_path):
+    """Two `jc2a train` into one train.output_dir: the second is refused in one line naming the folder and the
+    owner, and the first's files are untouched; after the first ends, the folder is free again."""
+    run = tmp_path / "run"
+    first = [sys.executable, "-m", "jc2a", "train", "--no-progress", *args(coco_shards, run, "train.max_steps=300")]
+    proc = subprocess.Popen(first, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").is_file():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    config_before = (run / "config.yaml").read_bytes()
+    second = jc2a("train", *args(coco_shards, run, "train.max_steps=2", "train.lr=0.1"))
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    assert second.returncode == 2, second.stderr[-2000:]
+    line = second.stderr.strip().splitlines()[-1]
+    assert str(run) in line and f"pid {proc.pid}" in line and len(second.stderr.strip().splitlines()) <= 2
+    assert (run / "config.yaml").read_bytes() == config_before
+    assert not (run / ".jc2a.lock").exists()  # released by the first when it stopped

@@ -121,7 +121,10 @@ def check_device(device: Optional[Union[str, torch.device]]) -> torch.device:
 
 
 def image_array(image: ImageLike, name: str) -> np.ndarray:
-    """A PIL image or numpy array as RGB `uint8 [H, W, 3]` (grey `[H, W]` repeated; an alpha channel dropped)."""
+    """A file path, PIL image or numpy array as RGB `uint8 [H, W, 3]` (grey `[H, W]` repeated; an alpha channel
+    dropped; a file read as `read_image` reads it)."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
     if not isinstance(image, np.ndarray):
         if not hasattr(image, "convert"):
             raise ValueError(f"{name}: expected a PIL image or a numpy array, got {type(image).__name__}")
@@ -134,8 +137,10 @@ def image_array(image: ImageLike, name: str) -> np.ndarray:
 
 
 def mask_array(mask: Union[np.ndarray, Any], name: str) -> np.ndarray:
-    """A PIL image or array as mask values `[H, W]`: palette indices, grey values; colour: black 0, white 255,
-    any other colour 1."""
+    """A file path, PIL image or array as mask values `[H, W]`: palette indices, grey values; colour: black 0,
+    white 255, any other colour 1."""
+    if isinstance(mask, (str, os.PathLike)):
+        return read_mask(mask)
     if not isinstance(mask, np.ndarray):
         if not hasattr(mask, "mode"):
             raise ValueError(f"{name}: expected a PIL image or a numpy array, got {type(mask).__name__}")

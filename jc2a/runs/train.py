@@ -31,6 +31,7 @@ from accelerate.utils import send_to_device
 from jc2a.config import Config, ConfigError, save_config
 from jc2a.data.episodes import open_shards, train_loader
 from jc2a.errors import Preempted
+from jc2a.lock import shared_lock
 from jc2a.progress import progress
 from jc2a.runs.bank import bank_fingerprint, build_bank, ensure_bank
 from jc2a.runs.checkpoints import (
@@ -83,16 +84,30 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
 
     # 2. identical initial weights on every rank, then each rank's own randomness (dropout, P2B's ties); the data.
     #    Everything is checked before the run folder exists: a refused run leaves nothing behind.
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank = accelerator.process_index
     set_seed(cfg.train.seed)
     model = build_network(cfg)
     torch.manual_seed(rank_seed(cfg.train.seed, rank))
     shards = open_shards(cfg.data, cfg.data.train_split), open_shards(cfg.data, cfg.data.val_split)
+    existed = run_dir.is_dir()
+    lock = shared_lock(run_dir, f"jc2a train (train.output_dir={run_dir})", accelerator.is_main_process,
+                       _broadcast(accelerator))  # fmt: skip  # one writer per run folder; the ranks share it
+    try:
+        return _locked(cfg, accelerator, plan, model, shards, run_dir, checkpoint, tracking, progress)
+    finally:
+        lock.release()
+        if accelerator.is_main_process and not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # made for this run, which wrote nothing: gone again
+
+
+def _locked(cfg: Config, accelerator, plan: BatchPlan, model, shards: tuple, run_dir: Path, checkpoint, tracking,
+            progress: bool) -> dict:  # fmt: skip
+    """The rest of `train`, once the run folder is this run's alone."""
+    rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
         log.info("%s", plan.describe())
         if getattr(model, "init_note", None):
             log.info("init_from: %s", model.init_note)
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG_FILE)
     accelerator.wait_for_everyone()
     loader = train_loader(cfg.data, cfg.train.seed, cfg.train.batch_size, model.backbone.mean, rank, world, shards[0])
@@ -341,6 +356,15 @@ class StopSignals:
 
         for name, handler in self._previous.items():
             signal.signal(getattr(signal, name), handler)
+
+
+def _broadcast(accelerator):
+    """The main process's value on every process (the identity for one process)."""
+    if accelerator.num_processes == 1:
+        return lambda value: value
+    from accelerate.utils import broadcast_object_list
+
+    return lambda value: broadcast_object_list([value])[0]
 
 
 def rank_seed(seed: int, rank: int) -> int:
