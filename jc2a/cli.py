@@ -16,14 +16,14 @@ COMMANDS = {
     "config": ("jc2a.runs.config_cmd", "print a resolved config as YAML, or the reference of every key"),
     "toy": ("jc2a.runs.toy_cmd", "write the built-in procedural toy dataset (COCO or VOC layout)"),
     "shards": ("jc2a.runs.shards_cmd", "convert COCO 2014 or VOC 2012 + SBD into webdataset shards"),
-    "preview": ("jc2a.runs.preview", "stream episodes from shards and save them as pictures"),
-    "bank": ("jc2a.runs.bank", "build CKMM's prototype bank over a fold's base-class training images"),
-    "train": ("jc2a.runs.train", "train JC2A (accelerate: CPU, 1 GPU, N GPUs, N nodes, DeepSpeed)"),
-    "convert-weights": ("jc2a.runs.convert_weights", "convert PFENet's ResNet .pth weights for pfenet_resnet50/101"),
-    "eval": ("jc2a.runs.evaluate", "evaluate a trained model at the paper's protocol: results.json/.md, figures"),
+    "preview": ("jc2a.runs.commands:Preview", "stream episodes from shards and save them as pictures"),
+    "bank": ("jc2a.runs.commands:Bank", "build CKMM's prototype bank over a fold's base-class training images"),
+    "train": ("jc2a.runs.commands:Train", "train JC2A (accelerate: CPU, 1 GPU, N GPUs, N nodes, DeepSpeed)"),
+    "convert-weights": ("jc2a.runs.commands:ConvertWeights", "convert PFENet's .pth weights for pfenet_resnet50/101"),
+    "eval": ("jc2a.runs.commands:Eval", "evaluate a trained model at the paper's protocol: results.json/.md, figures"),
     "predict": ("jc2a.runs.predict", "segment your own query images from K annotated support images"),
     "demo": ("jc2a.runs.demo", "the main job on the built-in toy data: train, evaluate, show that JC2A learns"),
-    "summary": ("jc2a.runs.summary", "parameter counts of the paper's Table 3 rows"),
+    "summary": ("jc2a.runs.commands:Summary", "parameter counts of the paper's Table 3 rows"),
     "bench": ("jc2a.bench.command", "benchmarks that print ratios measured in one run"),
 }
 
@@ -37,7 +37,7 @@ def build_parser(command: Optional[str] = None, every: bool = False) -> argparse
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         if every or command == name:
-            importlib.import_module(module).add_arguments(p)
+            load(module).add_arguments(p)
     return parser
 
 
@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        return int(load(args._module).run(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's status for SIGINT
         print(f"jc2a {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -63,6 +63,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Bad input or a full disk: one clear line naming the file, record or key; no traceback.
         print(f"jc2a {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def load(target: str):
+    """The object of a COMMANDS entry: a module (`jc2a.runs.shards_cmd`) or one of its attributes
+    (`jc2a.runs.commands:Train`), either with `add_arguments(parser)` and `run(args)`."""
+    module, _, attr = target.partition(":")
+    found = importlib.import_module(module)
+    return getattr(found, attr) if attr else found
 
 
 # An OSError with one of these is the user's too: a full disk, a full quota, a read-only file system.

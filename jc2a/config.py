@@ -105,6 +105,22 @@ def _interval(low_high: list[float]) -> bool:
 PlainName = Annotated[
     str, _rule(lambda v: re.fullmatch(r"[A-Za-z0-9_]+", v) is not None, "be a plain name of letters, digits and '_'")
 ]
+# keys that may differ between a run and its resumption: they change no number the run computes (logging, how
+# often it validates or checkpoints, where it is, how many loader workers: the episodes do not depend on them)
+RESUME_FREE_KEYS = (
+    "data.num_workers",
+    "train.experiment",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.output_dir",
+    "train.register_model",
+    "train.save_every",
+    "train.trace_ranks",
+    "train.tracking",
+    "train.val_episodes",
+    "train.val_every",
+    "train.val_full_every",
+)
 # the trackers accelerate's `log_with` knows (accelerate.utils.LoggerType); whether one is installed is checked when
 # a run starts
 TRACKERS = ("aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb")

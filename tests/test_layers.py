@@ -85,11 +85,13 @@ def test_commands_live_in_the_run_layer():
     """Every subcommand's module (`add_arguments`, `run`) is in jc2a/runs/ or jc2a/bench/, never in data or model."""
     from jc2a.cli import COMMANDS
 
-    for name, (module, _) in COMMANDS.items():
+    for name, (target, _) in COMMANDS.items():
+        module, _, attr = target.partition(":")  # a module, or one of its attributes (jc2a.runs.commands:Train)
         assert module.split(".")[1] in RUN_LAYER, f"`jc2a {name}` is implemented in {module}, outside the run layer"
         parts = module.split(".")
         path = PACKAGE.joinpath(*parts[1:]).with_suffix(".py")
         assert path.is_file(), f"`jc2a {name}`: {module} has no file {path}"
+        assert not attr or f"class {attr}" in path.read_text(), f"`jc2a {name}`: {module} has no {attr}"
 
 
 def test_the_bench_package_is_imported_by_the_cli_only():

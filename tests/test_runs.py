@@ -220,13 +220,18 @@ def test_logs_a_cluster_user_can_read(coco_shards, tmp_path):
     assert err.strip().splitlines()[-1] == "jc2a train: interrupted"
 
 
-def test_help_answers_quickly():
-    """`jc2a --help` imports no command (and so no torch): it answers in well under a second once warm."""
-    jc2a("--help")  # warm the file cache
-    start = time.monotonic()
-    proc = jc2a("--help")
-    assert proc.returncode == 0 and "train" in proc.stdout
-    assert time.monotonic() - start < 1.0
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["predict"], ["bank"], ["summary"]])
+def test_help_answers_in_under_a_second(command):
+    """`jc2a --help` and `jc2a COMMAND --help` import no torch: under a second once warm (the best of three, so a
+    busy neighbour does not decide it)."""
+    jc2a(*command, "--help")  # warm the file cache
+    times = []
+    for _ in range(3):
+        start = time.monotonic()
+        proc = jc2a(*command, "--help")
+        times.append(time.monotonic() - start)
+        assert proc.returncode == 0 and "usage: jc2a" in proc.stdout
+    assert min(times) < 1.0, times
     code = "import sys; from jc2a.cli import build_parser; build_parser(None); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable, Dict
+from typing import TYPE_CHECKING, Callable, Dict
 
-from jc2a.bench.harness import Report, machine
 from jc2a.errors import UserError
+
+if TYPE_CHECKING:
+    from jc2a.bench.harness import Report
 
 __all__ = ["SECTIONS", "add_arguments", "run"]
 
@@ -84,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen sections, print their tables; exit status 1 if any target was missed."""
+    from jc2a.bench.harness import Report, machine
+
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     names = list(SECTIONS) if args.section == "all" else [args.section]

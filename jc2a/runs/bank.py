@@ -112,13 +112,6 @@ def ensure_bank(accelerator, model, cfg: Config, shards: ShardSet, out: Path, pr
 # --------------------------------------------------------------------------- command line
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--config", action="append", default=None, help="YAML config (repeat to compose)")
-    parser.add_argument("--out", type=Path, required=True, help="the bank file to write (safetensors)")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.fold=1")
-
-
 def bank_main(config: Optional[list], overrides: list[str], out: Union[str, os.PathLike], progress: bool) -> int:
     from accelerate.utils import set_seed
 
@@ -144,10 +137,6 @@ def bank_main(config: Optional[list], overrides: list[str], out: Union[str, os.P
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
-
-
-def run(args) -> int:
-    return bank_main(args.config, args.overrides, args.out, not args.no_progress)
 
 
 def bank_fingerprint(cfg: Config, model: nn.Module, index_checksum: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from jc2a.config import Config, ConfigError, flatten, load_config
+from jc2a.config import RESUME_FREE_KEYS, Config, ConfigError, flatten, load_config
 from jc2a.errors import UserError, WriteError
 
 __all__ = [
@@ -37,22 +37,6 @@ __all__ = [
 ]
 
 STATE_FILE = "trainer_state.json"
-# keys that may differ between a run and its resumption: they change no number the run computes (logging, how
-# often it validates or checkpoints, where it is, how many loader workers: the episodes do not depend on them)
-RESUME_FREE_KEYS = (
-    "data.num_workers",
-    "train.experiment",
-    "train.keep_checkpoints",
-    "train.log_every",
-    "train.output_dir",
-    "train.register_model",
-    "train.save_every",
-    "train.trace_ranks",
-    "train.tracking",
-    "train.val_episodes",
-    "train.val_every",
-    "train.val_full_every",
-)
 
 
 @dataclasses.dataclass

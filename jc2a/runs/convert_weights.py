@@ -18,7 +18,6 @@ loader (`jc2a.model.backbone.load_features_state`) skips it. A missing BatchNorm
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -27,7 +26,7 @@ import torch
 
 from jc2a.errors import UserError
 
-__all__ = ["FORMAT", "STEM_RENAMES", "add_arguments", "convert", "run", "to_timm_keys"]
+__all__ = ["FORMAT", "STEM_RENAMES", "convert", "to_timm_keys"]
 
 FORMAT = "jc2a-backbone-weights/1"  # the safetensors metadata `format` of a converted file
 
@@ -130,28 +129,3 @@ def _named(key: str, semseg_key: Mapping[str, str]) -> str:
     return repr(key) if original == key else f"{original!r} (timm: {key!r})"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command's arguments.
-
-    Args:
-        parser: the subcommand's parser.
-    """
-    parser.add_argument("src", metavar="IN.pth", help="PFENet's ResNet weights, e.g. initmodel/resnet50_v2.pth")
-    parser.add_argument("dst", metavar="OUT.safetensors", help="the converted file (timm keys, safetensors)")
-    parser.add_argument(
-        "--arch", choices=_ARCHS, default=None, help="target backbone (default: from the number of layer3 blocks)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Convert, print what was written and how to use it; 0 on success.
-
-    Args:
-        args: the parsed `src`, `dst`, `arch`.
-    """
-    arch, dst, count = convert(args.src, args.dst, args.arch)
-    print(
-        f"wrote {dst}: {count} tensors of {arch} from {args.src} (fc.* dropped); "
-        f"use model.backbone.name={arch} model.backbone.weights={dst}"
-    )
-    return 0

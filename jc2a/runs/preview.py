@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jc2a.config import Config, load_config, save_config
+from jc2a.config import Config
 
 
 def to_rgb(img: torch.Tensor) -> np.ndarray:
@@ -63,13 +63,6 @@ def save_figure(fig, path: Path, suptitle: str, dpi: int) -> Path:
     return path
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--config", action="append", default=None, help="YAML config (repeat to compose)")
-    parser.add_argument("--episodes", type=int, default=4, help="episodes of each split to draw")
-    parser.add_argument("--out", type=Path, default=None, help="picture folder (default <train.output_dir>/preview)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.fold=1")
-
-
 def preview(cfg: Config, episodes: int, out: Path) -> list[Path]:
     """Save `episodes` training and `episodes` evaluation episodes of `cfg` as pictures in `out`."""
     from jc2a.data.episodes import eval_loader, open_shards, train_loader
@@ -89,11 +82,3 @@ def preview(cfg: Config, episodes: int, out: Path) -> list[Path]:
     return written
 
 
-def run(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    out = args.out or Path(cfg.train.output_dir) / "preview"
-    saved = save_config(cfg, out / "config.yaml")
-    paths = preview(cfg, args.episodes, out)
-    print(f"resolved config: {saved}")
-    print(f"{len(paths)} episode pictures in {out}")
-    return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
@@ -16,7 +15,7 @@ from jc2a.model.backbone import OUT_INDICES, OUTPUT_STRIDE
 from jc2a.paper import VARIANTS, PaperRow, rows
 from jc2a.runs.report import architecture
 
-__all__ = ["TABLE3", "RowCount", "Table3Row", "add_arguments", "count", "explain", "format_table", "run", "summarize"]
+__all__ = ["TABLE3", "RowCount", "Table3Row", "count", "explain", "format_table", "summarize"]
 
 
 class Table3Row(NamedTuple):
@@ -204,23 +203,3 @@ def explain(cfg: Config, counts: Sequence[RowCount]) -> list[str]:
     return sentences
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `jc2a summary`."""
-    parser.add_argument(
-        "--config",
-        action="append",
-        default=None,
-        metavar="YAML",
-        help="config file(s) applied in order on top of the defaults (default: the paper's settings, 473 input)",
-    )
-    parser.add_argument("--backbone", default=None, help="timm backbone name (default: the config's, resnet50)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Print the table and the explanations."""
-    cfg, counts = summarize(args.config, args.backbone)
-    print(format_table(cfg, counts))
-    print()
-    for sentence in explain(cfg, counts):
-        print(f"- {sentence}")
-    return 0

@@ -35,14 +35,12 @@ from jc2a.lock import shared_lock
 from jc2a.progress import progress
 from jc2a.runs.bank import bank_fingerprint, build_bank, ensure_bank
 from jc2a.runs.checkpoints import (
-    RESUME_FREE_KEYS,
     STATE_FILE,
     TrainState,
     all_ok,
     check_resume_config,
     find_resume,
     load_checkpoint,
-    resume_config,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -411,29 +409,4 @@ def _resume(accelerator, checkpoint: Path, cfg: Config, total_steps: int, scaler
 # --------------------------------------------------------------------------- command line
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--config", action="append", default=None, help="YAML config (repeat to compose)")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="DIR",
-        help="continue a run: DIR (a run folder or one of its checkpoints) with DIR's own config.yaml, or without DIR "
-        "the latest checkpoint of train.output_dir; 'auto' starts a new run when there is no checkpoint yet (what a "
-        "requeued SLURM job runs). On resume --config and key=value may change only "
-        + ", ".join(RESUME_FREE_KEYS) + "; any other key is refused, naming it",
-    )
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.fold=1 train.max_steps=100")
-
-
-def run(args) -> int:
-    cfg, resume = resume_config(args.config, args.overrides, args.resume)
-    summary = train(cfg, resume=resume, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if isinstance(v, (int, float, str))}, indent=1))
-    return 0
-
-
-__all__ = ["Loop", "add_arguments", "rank_seed", "run", "train"]
+__all__ = ["Loop", "rank_seed", "train"]
