@@ -106,7 +106,7 @@ def _read(fd: int) -> Optional[dict]:
         os.lseek(fd, 0, os.SEEK_SET)
         data = os.read(fd, 65536)
         owner = json.loads(data)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return owner if isinstance(owner, dict) else None
 

@@ -267,3 +267,25 @@ def test_compressed_rle_is_checked_before_pycocotools_decodes_it():
     }
     for bad, words in cases.items():
         assert words in segmentation_problem({"size": [7, 9], "counts": bad}, 7, 9), bad
+
+
+def test_a_file_that_lists_no_image_is_one_line(toy_coco, tmp_path, capsys):
+    """`images: []` wrote "val: 0 images" and exited 0."""
+    path = tmp_path / "ann.json"
+    data = json.loads((toy_coco / "annotations/instances_val2014.json").read_text())
+    path.write_text(json.dumps({**data, "images": [], "annotations": []}))
+    args = ["shards", "coco", "--images", str(toy_coco / "val2014"), "--annotations", str(path)]
+    assert main(args + ["--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"jc2a shards: error: {path}: lists no image ('images' is empty); nothing to write"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_coco_file_nested_200000_deep_is_one_line(toy_coco, tmp_path, capsys):
+    path = tmp_path / "ann.json"
+    path.write_text('{"images": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    args = ["shards", "coco", "--images", str(toy_coco / "val2014"), "--annotations", str(path)]
+    assert main(args + ["--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"jc2a shards: error: {path}: not a COCO instances file (JSON nested too deep)"
+    ]

@@ -543,3 +543,91 @@ def test_shard_set_closes_its_files(coco_shards):
     assert handle.closed and not val._files
     assert val.read(3)["jpg"] == sample["jpg"]  # reopens on demand
     val.close()
+
+
+# --------------------------------------------------------------------------- the stream's own bound holds (issue 16.7)
+
+
+@pytest.fixture()
+def stalling_server(coco_shards):
+    """A raw socket server on 127.0.0.1: it answers the training index, and accepts every other request and never
+    answers it (the connection is held open)."""
+    import socket
+
+    index = (coco_shards / "train-index.json").read_bytes()
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    server.settimeout(0.05)
+    held, stop = [], threading.Event()
+
+    def answer(conn):
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            request += chunk
+        if b"train-index.json" in request.split(b"\r\n", 1)[0]:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(index) + index)
+        held.append(conn)  # a shard: never answered
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+@pytest.mark.parametrize("kind", ["http", "pipe"])
+def test_a_stall_inside_the_retries_ends_at_the_stream_timeout(coco_shards, stalling_server, tmp_path, monkeypatch,
+                                                               kind):  # fmt: skip
+    """Each shard read stalls for its whole remote timeout (1.5 s), is retried 3 times with back-off (0.5, 1, 2 s):
+    9.5 s a shard, and 1000 failures allowed. `data.stream_timeout` (2 s) ends the stream at about 2 s: the
+    fetch's tries and waits stop at the stream's deadline (before: 20 shards x retries, 364 s in the report)."""
+    monkeypatch.setenv("JC2A_CACHE", str(tmp_path / "cache"))
+    if kind == "http":
+        train = ShardSet(stalling_server, "train", timeout=1.5, retries=3)
+    else:  # the index is read, every shard's command stalls
+        command = f"case {{shard}} in *index*) cat {coco_shards}/{{shard}};; *) sleep 30;; esac"
+        train = ShardSet(f"pipe:{command}", "train", timeout=1.5, retries=3)
+    stream = TrainEpisodes(train, base_classes("coco20i", 0), 1, 200, None, timeout=2.0, max_failures=1000)
+    start = time.monotonic()
+    with pytest.raises(StreamError) as err:
+        next(iter(stream))
+    elapsed = time.monotonic() - start
+    msg = str(err.value)
+    assert msg.startswith(f"split 'train' at {train.location}: no episode for 2 s (data.stream_timeout); last "), msg
+    assert "stopped at the stream's deadline" in msg or "no complete answer within" in msg, msg
+    # the bound plus what one try needs to notice its deadline and the stream to look at its clock: a second and
+    # a half is generous on a shared 2-core machine (a try ends at the deadline itself, to a few milliseconds)
+    assert 2.0 <= elapsed < 3.5, elapsed
+
+
+def test_a_stuck_loader_worker_ends_the_stream(toy_cfg, monkeypatch):
+    """A worker stuck where the stream cannot look at its clock (here: opening a shard sleeps, as a hung file
+    system would) is ended by the loader's own timeout: batch_size x data.stream_timeout + a margin."""
+    import jc2a.data.locations as locations
+
+    def stuck(self, shard, deadline=None):
+        time.sleep(120)
+
+    monkeypatch.setattr(locations.ShardSet, "local_path", stuck)  # inherited by the forked workers
+    monkeypatch.setattr(episodes, "LOADER_MARGIN", 1.0)
+    toy_cfg.data.num_workers, toy_cfg.data.stream_timeout = 1, 1.0
+    loader = train_loader(toy_cfg.data, seed=0, batch_size=1, mean=MEAN, rank=0, world=1)
+    start = time.monotonic()
+    with pytest.raises(StreamError, match=r"no batch from a loader worker for 2 s \(1 episodes x data.stream_timeout"):
+        next(iter(loader))
+    assert time.monotonic() - start < 20  # 2 s, and a worker's start-up

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jc2a"
-BOTTOM = ("atomic", "config", "errors", "folds", "labels", "metrics", "paper", "presets", "progress")
+BOTTOM = ("atomic", "config", "errors", "folds", "labels", "lock", "metrics", "paper", "presets", "progress")
 RUN_LAYER = ("runs", "bench")
 
 

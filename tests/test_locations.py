@@ -579,3 +579,29 @@ def test_the_command_line_refuses_a_pipe_from_a_config_file_in_one_line(coco_sha
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"jc2a preview: error: {config}: key 'data.shards' is a pipe:"), err
     assert not marker.exists()
+
+
+def test_a_full_cache_disk_is_one_line_and_not_retried(coco_shards, tmp_path):
+    """A remote shard's download into a cache on a full disk (a real ENOSPC: a tmpfs of 64 KB, as root) is one
+    line naming the cached file, the URL and the bytes needed; not retried, no temporary file left."""
+    import os
+    import subprocess
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(cache)],
+                                           capture_output=True).returncode:  # fmt: skip
+        pytest.skip("no tmpfs here (needs root): a real ENOSPC cannot be made")
+    try:
+        calls = tmp_path / "calls"
+        shards = ShardSet(f"pipe:echo >> {calls}; cat {coco_shards}/{{shard}}", "val", cache_dir=str(cache), retries=3)
+        with pytest.raises(OSError) as err:
+            shards.read(0)
+        msg = str(err.value)
+        name, size = shards.index["shards"][0]["name"], shards.index["shards"][0]["bytes"]
+        assert msg.startswith(f"{cache}/") and f"/{name}: cannot cache pipe:echo" in msg, msg
+        assert f"(No space left on device): {size} bytes were to be written, " in msg and "JC2A_CACHE" in msg
+        assert "\n" not in msg and len(calls.read_text().splitlines()) == 2  # the index, then one try of the shard
+        assert not [p for p in cache.rglob("*") if p.is_file()]
+    finally:
+        subprocess.run(["umount", "-l", str(cache)], check=False)

@@ -240,3 +240,23 @@ def test_ranks_of_one_run_share_the_lock_and_are_refused_together(tmp_path):
         (r0, r1) = _run_ranks(folder)
     assert r0[:2] == (0, "refused") and r1[:2] == (1, "refused")
     assert f"in use by another run (pid {os.getpid()}" in r0[2] and "(the main process's lock)" in r1[2]
+
+
+def test_a_second_jc2a_train_into_a_held_run_folder_is_refused(coco_shards, tmp_path):
+    """Two `jc2a train` runs into one train.output_dir both exited 0, the second overwriting the first's model
+    and appending to its metrics.jsonl. The folder held by a writer (this test process, as the first run), the
+    second is refused in one line naming it, before it writes anything."""
+    run = tmp_path / "run"
+    tiny = ["data.image_size=65", "model.feat_dim=32", "data.min_pixels=200", "data.eval_episodes=4",
+            "train.batch_size=2", "train.tracking=none", "train.val_every=0", "train.val_episodes=2",
+            "train.max_steps=1", "data.num_workers=0", "model.backbone.frozen=true"]  # fmt: skip
+    with FolderLock(run, "jc2a train (the first run)"):
+        done = subprocess.run(
+            [sys.executable, "-m", "jc2a", "train", "--no-progress", "--config", str(ROOT / "configs/toy.yaml"),
+             f"data.shards={coco_shards}", f"train.output_dir={run}", *tiny],
+            env=ENV, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and lines[-1].startswith(f"jc2a train: error: {run}: in use by jc2a train "
+                                                              "(the first run)"), done.stderr[-2000:]  # fmt: skip
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]

@@ -90,6 +90,8 @@ def read_instances(path: Path) -> dict:
         data = json.loads(Path(path).read_bytes())
     except (ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not a COCO instances file (not JSON: {exc})") from None
+    except RecursionError:  # json's parser stops at Python's recursion limit (a COCO file has 5 levels)
+        raise UserError(f"{path}: not a COCO instances file (JSON nested too deep)") from None
     keys = ("images", "annotations", "categories")
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a COCO instances file (a JSON {type(data).__name__}, expected an object)")

@@ -518,8 +518,9 @@ class TrainEpisodes(wds.DataPipeline):
                 classes = json.loads(sample["json"])["classes"]
                 usable = _usable(classes, self.fold, self.min_pixels)
                 present = _present(classes, self.servable)
-            except (KeyError, ValueError, AttributeError, TypeError) as exc:
-                self._fail("record", f"{name}: bad or missing json header ({exc})")
+            except (KeyError, ValueError, AttributeError, TypeError, RecursionError) as exc:
+                why = "nested too deep" if isinstance(exc, RecursionError) else exc
+                self._fail("record", f"{name}: bad or missing json header ({why})")
                 continue
             if usable and not self.exclude.intersection(classes):
                 yield {k: sample[k] for k in _MEMBERS if k in sample}, usable, present
@@ -602,7 +603,8 @@ class EpisodeLoader(wds.WebLoader):
 
     With loader workers, a worker that gives no batch for `batch_size` x the stream's timeout (+ LOADER_MARGIN s)
     is a StreamError too (the DataLoader's own timeout): a worker stuck where the stream cannot look at its clock
-    (a hung file system, say) still ends the stream.
+    (a hung file system, say) still ends the stream. Not in an epoch resumed mid-way (`set_epoch(e, start > 0)`),
+    whose first batch skips the episodes before `start` first.
     """
 
     def __init__(self, dataset: TrainEpisodes, batches: int, batch_size: int, **loader_args) -> None:
@@ -610,6 +612,7 @@ class EpisodeLoader(wds.WebLoader):
             loader_args["timeout"] = batch_size * dataset.timeout + LOADER_MARGIN
         self.loader_timeout = loader_args.get("timeout", 0)
         super().__init__(dataset, batch_size=batch_size, **loader_args)  # batches from the workers in turn
+        self.loader_timeout = self.pipeline[0].timeout
         self.append(self._count_skips)  # the skips of every worker, summed
         dataset.batch_size = batch_size
         self.stream, self.batches = dataset, batches
@@ -631,6 +634,9 @@ class EpisodeLoader(wds.WebLoader):
         self.start = start
         self.stream.start = start * self.stream.batch_size
         self.with_epoch(self.batches - start)
+        # a resumed epoch's first batch first skips `start` batches' episodes (undecoded, yet read): no bound of
+        # one batch's time holds for it, so the workers' timeout is off for that epoch (the stream's own stays)
+        self.pipeline[0].timeout = self.loader_timeout if start == 0 else 0
 
     def _count_skips(self, batches: Iterator[dict]) -> Iterator[dict]:
         for batch in batches:

@@ -23,6 +23,7 @@ copies of remote shards are named only by validated names inside the cache folde
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -33,6 +34,7 @@ import re
 import reprlib
 import selectors
 import shlex
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -47,7 +49,7 @@ import numpy as np
 
 from jc2a.atomic import replacing
 from jc2a.data.shards import MEMBERS, READABLE_FORMATS, check_split, index_name, read_complete_shard, shard_pattern
-from jc2a.errors import MissingPackage, RecordError, RemoteError, UserError
+from jc2a.errors import MissingPackage, RecordError, RemoteError, UserError, WriteError
 
 log = logging.getLogger("jc2a.data")
 
@@ -117,6 +119,10 @@ def resolve(location: str, split: str) -> tuple[str, list[str]]:
 
 class _Permanent(OSError):
     """A failure that a retry would not change (an HTTP 404, say)."""
+
+
+class NoSpace(OSError):
+    """The local side of a fetch ran out of space (ENOSPC, EDQUOT) while writing: a retry would not help."""
 
 
 def _too_large(limit: int) -> _Permanent:
@@ -275,6 +281,8 @@ def fetch(
         except TimeoutError:
             why = f"no complete answer within {budget:g} s"
         except (OSError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace(exc.errno, exc.strerror or str(exc)) from None
             why = " ".join(str(exc).split()) or type(exc).__name__  # one line
     raise RemoteError(f"{url}: {why} ({_tries(tries)})")
 
@@ -488,10 +496,12 @@ class ShardSet:
         self.index_url, explicit = resolve(self.location, split)
         try:
             raw = _read_url(self.index_url, self.timeout, self.retries)
-        except (MissingPackage, UserError):
+        except MissingPackage:
             raise
         except RemoteError as exc:
             raise FileNotFoundError(f"shard index not found or unreadable: {exc}") from None
+        except UserError:  # read, and refused (too large)
+            raise
         except (OSError, ValueError) as exc:
             raise FileNotFoundError(f"shard index not found or unreadable: {self.index_url} ({exc})") from None
         self.checksum = hashlib.sha256(raw).hexdigest()
@@ -575,9 +585,22 @@ class ShardSet:
         folder.mkdir(parents=True, exist_ok=True)
         evict(self.cache_dir, info.get("bytes", 0))
         limit = info["bytes"] if _is_int(info.get("bytes")) else None
-        with replacing(path) as tmp, open(tmp, "w+b") as dst:
-            check = lambda f: self._check_download(f, shard)  # noqa: E731
-            fetch(url, dst, self.timeout, self.retries, check=check, deadline=deadline, limit=limit)
+        try:
+            with replacing(path) as tmp, open(tmp, "w+b") as dst:
+                check = lambda f: self._check_download(f, shard)  # noqa: E731
+                fetch(url, dst, self.timeout, self.retries, check=check, deadline=deadline, limit=limit)
+        except OSError as exc:  # NoSpace, or the same from closing the file (its buffer cannot be flushed)
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(exc, UserError):
+                raise
+            try:  # the temporary file is gone (`replacing`)
+                free = f"{shutil.disk_usage(folder).free} bytes free"
+            except OSError:
+                free = "free space unknown"
+            need = f"{limit} bytes" if limit is not None else "the shard (its size is not in the index)"
+            raise WriteError(
+                f"{path}: cannot cache {url} ({exc.strerror}): {need} were to be written, {free} on {folder}; "
+                "free some space, or point JC2A_CACHE elsewhere (JC2A_CACHE_MAX_GB bounds the cache)"
+            ) from None
         return path
 
     def _check_download(self, f: BinaryIO, shard: int) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,9 @@ def _is_bytes(data: object) -> bool:
     return isinstance(data, (bytes, bytearray, memoryview)) and len(data) > 0
 
 
+_NO_PIL_CEILING = threading.Lock()  # held while PIL's own ceiling is lifted to read a bomb's header
+
+
 class ImageTooLarge(RecordError):
     """An image whose header declares more pixels than the limit: refused before it is decoded."""
 
@@ -71,9 +75,18 @@ def opened_image(
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(fp)
-        except Image.DecompressionBombError as exc:
-            size = exc.args[0].split(",")[0] if exc.args else "too many pixels"
-            raise ImageTooLarge(f"{name}: {what} {size} (data.max_image_pixels {max_pixels})") from None
+        except Image.DecompressionBombError:  # over PIL's own ceiling: its header again, to name the size
+            if hasattr(fp, "seek"):
+                fp.seek(0)
+            with _NO_PIL_CEILING:
+                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                try:
+                    image = Image.open(fp)  # the header only; refused below, never decoded
+                except Exception:
+                    raise ImageTooLarge(f"{name}: {what} of more than {max_pixels} pixels (data.max_image_pixels)"
+                                        ) from None  # fmt: skip
+                finally:
+                    Image.MAX_IMAGE_PIXELS = saved
         except Exception as exc:  # PIL raises several types for what it cannot identify
             raise RecordError(f"{name}: unreadable {what} ({' '.join(str(exc).split())[:200]})") from None
         with image:
@@ -188,6 +201,8 @@ def decode_record(
             meta = json.loads(meta)
         except ValueError:
             raise RecordError(f"{name}: the json member is not JSON") from None
+        except RecursionError:  # json's parser stops at Python's recursion limit
+            raise RecordError(f"{name}: the json member is nested too deep to be a record header") from None
     if not isinstance(meta, dict):
         raise RecordError(f"{name}: the json member is not a JSON object")
     return image, label, meta

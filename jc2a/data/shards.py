@@ -148,7 +148,7 @@ def _record_problem(members: dict[str, bytes], entry: dict) -> Optional[str]:
         meta = json.loads(members["json"])
         label = decode_label(members["png"])
         image_size = _check_image(members["jpg"], Path(entry["key"]))
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RecursionError) as exc:
         return f"record {entry['key']}: unreadable member ({exc})"
     sizes = {image_size, label.shape, (meta.get("height"), meta.get("width")) if isinstance(meta, dict) else None}
     if len(sizes) != 1:
@@ -192,8 +192,9 @@ def read_complete_shard(path: Path, shard: int) -> list[dict]:
         entries = read_shard_entries(path, shard)
         with tarfile.open(path, "r:") as tar:
             members = tar.getmembers()
-    except (tarfile.TarError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"not a readable shard ({exc})") from None
+    except (tarfile.TarError, OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise UserError(f"not a readable shard ({'nested too deep' if isinstance(exc, RecursionError) else exc})"
+                        ) from None  # fmt: skip
     if not entries:
         raise UserError("no records")
     last = members[-1]
@@ -208,7 +209,7 @@ def _earlier_index(out: Path, split: str) -> dict[str, dict]:
     try:
         index = json.loads((out / index_name(split)).read_text())
         return {s["name"]: s for s in index["shards"] if isinstance(s, dict) and "sha256" in s}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # none usable: every shard is read whole
         return {}
 
 

@@ -410,7 +410,7 @@ def draw_image(
 # ---------------------------------------------------------------------------------------------------------------
 VERSIONS = (1, 2)
 VERSION = 2  # what `jc2a toy`, the demo, `jc2a pretrain` and the toy tables draw; 1: the flat set of before
-MODE_WEIGHTS = (0.5, 0.3, 0.2)  # a class's own modes 0 and 1, then its look-alike mode (the next class's mode 0)
+MODE_WEIGHTS = (0.55, 0.3, 0.15)  # a class's own modes 0 and 1, then its look-alike mode (the next class's body)
 _MIN_OBJECT_PIXELS_V2 = 450  # v2 objects go down to 2% of the image: usable at the toy configs' min_pixels (256)
 _SIZE_RANGE_V2 = (0.02, 0.55)  # first instance of a class: a log-uniform fraction of the image, before crowding
 
@@ -422,8 +422,9 @@ class Style:
     An object is a body and a part: the side of a line across the object's own frame (at `part_angle`, beyond
     `part_cut` object radii) has other colours and another texture, so one masked average over the object (one
     prototype) mixes two looks. Each mode is a `(body, part)` pair of appearances (their shape fields are the
-    class's). Mode 2 is the next class's mode 0 in this class's shape: neighbouring classes are in different
-    COCO-20i / PASCAL-5i folds, so every novel class has a base-class look-alike that only its shape tells apart.
+    class's). Mode 2's body is the next class's first body in this class's shape: neighbouring classes are in
+    different COCO-20i / PASCAL-5i folds, so every novel class has a base-class look-alike that only its shape and
+    its part tell apart.
     """
 
     shape: Appearance  # the shape fields (shape, vertices, aspect) and mode 0's body
@@ -448,20 +449,23 @@ def _with_shape(look: Appearance, shape: Appearance) -> Appearance:
 
 
 def styles(num_classes: int) -> list[Style]:
-    """The version-2 look of every class (0-based index): fixed by the index alone, whatever the dataset's seed."""
+    """The version-2 look of every class (0-based index): fixed by the index alone, whatever the dataset's seed.
+
+    Mode 0's body is version 1's look of the class, mode 1's a random one; the part keeps its look in every mode (the
+    class's signature, as a head or a wheel); mode 2's body is the next class's mode-0 body (the look-alike).
+    """
     own = []
     for index in range(num_classes):
         base = appearance(index, num_classes)  # v1's shape, colours and texture: mode 0's body
         rng = np.random.default_rng([0x70E2, num_classes, index])
-        part0 = _random_look(rng, base, avoid=base.texture)
+        part = _random_look(rng, base, avoid=base.texture)
         body1 = _random_look(rng, base, avoid=base.texture)
-        part1 = _random_look(rng, base, avoid=body1.texture)
         angle, cut = float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(-0.1, 0.3))
-        own.append((base, angle, cut, ((base, part0), (body1, part1))))
+        own.append((base, angle, cut, part, body1))
     out = []
-    for index, (base, angle, cut, modes) in enumerate(own):
-        body, part = own[(index + 1) % num_classes][3][0]  # the look-alike: the next class's first mode
-        out.append(Style(base, angle, cut, (*modes, (_with_shape(body, base), _with_shape(part, base)))))
+    for index, (base, angle, cut, part, body1) in enumerate(own):
+        alike = _with_shape(own[(index + 1) % num_classes][0], base)  # the next class's first body, in this shape
+        out.append(Style(base, angle, cut, ((base, part), (body1, part), (alike, part))))
     return out
 
 
@@ -484,14 +488,19 @@ def _wobble(polys: list[np.ndarray], rng: np.random.Generator, amount: float = 0
 
 
 def _layout_v2(
-    rng: np.random.Generator, class_indices: list[int], looks: list[Style], width: int, height: int
+    rng: np.random.Generator,
+    class_indices: list[int],
+    looks: list[Style],
+    width: int,
+    height: int,
+    sizes: tuple[float, float] = _SIZE_RANGE_V2,
 ) -> list[tuple[_Object, float]]:
     """Version 2's layout: sizes from 2% to over half of the image, centres anywhere (objects occlude each other),
     a mode, a colour jitter, an aspect and a smooth deformation per instance. (object, target pixels) by
     decreasing mask area."""
     crowding = (1.0, 0.85, 0.7, 0.6)[min(len(class_indices), 4) - 1] if class_indices else 1.0
     floor = min(0.3, _MIN_OBJECT_PIXELS_V2 / (width * height))
-    low, high = (math.log(v) for v in _SIZE_RANGE_V2)
+    low, high = (math.log(v) for v in sizes)
     first = [c not in class_indices[:k] for k, c in enumerate(class_indices)]
     fractions = [max(math.exp(rng.uniform(low, high)) * crowding, floor) if f else rng.uniform(0.01, 0.04)
                  for f in first]  # fmt: skip
@@ -585,6 +594,7 @@ def draw_image_v2(
     class_indices: list[int],
     looks: list[Style],
     crowd_class: Optional[int] = None,
+    sizes: tuple[float, float] = _SIZE_RANGE_V2,
 ) -> tuple[np.ndarray, list[_Object]]:
     """Version 2 of `draw_image`: a textured background with clutter and distractors, then one object per entry
     of `class_indices` (in one of its class's modes, body and part, jittered and deformed; 2-55% of the image for a
@@ -598,7 +608,7 @@ def draw_image_v2(
     image = np.ascontiguousarray(_background(rng, height, width))
     _clutter(image, rng)
     for _ in range(8):
-        placed = _layout_v2(rng, class_indices, looks, width, height)
+        placed = _layout_v2(rng, class_indices, looks, width, height, sizes)
         if _visible_enough_v2(placed):
             break
     objects = [obj for obj, _ in placed]
@@ -618,15 +628,15 @@ def draw_image_v2(
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), objects
 
 
-def _drawer(version: int, num_classes: int):
-    """`draw(rng, size, classes, crowd_class)` of a toy version."""
+def _drawer(version: int, num_classes: int, sizes: tuple[float, float] = _SIZE_RANGE_V2):
+    """`draw(rng, size, classes, crowd_class)` of a toy version (`sizes`: version 2's range of object sizes)."""
     if version not in VERSIONS:
         raise UserError(f"toy data version {version}: expected one of {', '.join(map(str, VERSIONS))}")
     if version == 1:
         apps = [appearance(i, num_classes) for i in range(num_classes)]
         return lambda rng, size, classes, crowd=None: draw_image(rng, size, classes, apps, crowd_class=crowd)
     looks = styles(num_classes)
-    return lambda rng, size, classes, crowd=None: draw_image_v2(rng, size, classes, looks, crowd_class=crowd)
+    return lambda rng, size, classes, crowd=None: draw_image_v2(rng, size, classes, looks, crowd, sizes)
 
 
 def label_map(objects: list[_Object], height: int, width: int) -> np.ndarray:
@@ -638,24 +648,33 @@ def label_map(objects: list[_Object], height: int, width: int) -> np.ndarray:
 
 
 PRETRAIN_SPLIT = 3  # the generator's split code of the pretraining images (train 1, val 2): their own streams
+PRETRAIN_SIZES = (0.12, 0.5)  # object-centric, as ImageNet's images are: a class's first instance is large
 
 
 def pretrain_images(
-    count: int, size: int = 112, seed: int = 0, version: int = VERSION, num_classes: int = 80, progress: bool = False
+    count: int,
+    size: int = 112,
+    seed: int = 0,
+    version: int = VERSION,
+    num_classes: int = 80,
+    progress: bool = False,
+    class_counts: tuple[float, ...] = (0.15, 0.6, 0.25),
 ) -> tuple[np.ndarray, np.ndarray]:
     """The pretraining split: `count` square toy images `uint8 [N, size, size, 3]` and their image-level labels
     `bool [N, num_classes]` (the classes with a visible part of at least 0.4% of the image).
 
-    Drawn from their own random streams (split code `PRETRAIN_SPLIT`, never the few-shot train or val images), 1-3
-    classes an image with every class as often as the others, no crowds: an ImageNet of the toy classes.
+    Drawn from their own random streams (split code `PRETRAIN_SPLIT`, never the few-shot train or val images):
+    `class_counts[k]` of the images hold k classes (default: 15% none, only background, clutter and distractors; 60%
+    one; 25% two), every class as often as the others, large objects (`PRETRAIN_SIZES`), no crowds: an ImageNet of
+    the toy classes, with images of the background too.
     """
-    draw = _drawer(version, num_classes)
+    draw = _drawer(version, num_classes, PRETRAIN_SIZES)
     plan_rng = np.random.default_rng([seed, PRETRAIN_SPLIT, 0])
     queue: list[int] = []
     images = np.zeros((count, size, size, 3), np.uint8)
     labels = np.zeros((count, num_classes), bool)
     for k in tqdm(range(count), desc="toy pretraining images", disable=not progress, leave=False):
-        n = int(plan_rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
+        n = int(plan_rng.choice(len(class_counts), p=class_counts))
         classes: list[int] = []
         while len(classes) < n:
             if not queue:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +23,8 @@ import torch
 from jc2a.config import RESUME_FREE_KEYS, Config, ConfigError, flatten, load_config
 from jc2a.errors import UserError, WriteError
 
+log = logging.getLogger("jc2a.runs")
+
 __all__ = [
     "STATE_FILE",
     "TrainState",
@@ -30,6 +33,7 @@ __all__ = [
     "config_digest",
     "checkpoint_dirs",
     "find_resume",
+    "finished",
     "resume_config",
     "load_checkpoint",
     "save_checkpoint",
@@ -65,8 +69,8 @@ class TrainState:
         try:
             data = json.loads(path.read_text())
             return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
-        except (OSError, ValueError, TypeError) as exc:
-            raise UserError(f"{path}: unreadable trainer state ({exc})") from None
+        except (OSError, ValueError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+            raise UserError(f"{path}: unreadable trainer state ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -318,3 +322,20 @@ def resume_config(configs: Optional[list], overrides: list, resume) -> tuple[Con
                 )
         cfg = asked
     return cfg, path
+
+
+def finished(run_dir: Path, checkpoint: Path) -> Optional[dict]:
+    """The summary of a run whose last checkpoint is its final step and whose model file is written (resuming it
+    has nothing to do), else None."""
+    state = TrainState.load(checkpoint / STATE_FILE)
+    summary = run_dir / "train_summary.json"
+    if state.step < state.total_steps or not (run_dir / "model.safetensors").is_file() or not summary.is_file():
+        return None
+    log.info("%s: finished at step %d of %d (%s written): nothing to resume", run_dir, state.step, state.total_steps,
+             run_dir / "model.safetensors")  # fmt: skip
+    try:
+        done = json.loads(summary.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UserError(f"{summary}: unreadable ({type(exc).__name__}); delete it to resume the run") from None
+    return {**done.get("last", {}), "step": state.step, "skipped_steps": state.skipped_steps, "run_dir": str(run_dir),
+            "mlflow_run_id": state.mlflow_run_id, "finished": True}  # fmt: skip

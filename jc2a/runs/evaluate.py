@@ -238,7 +238,7 @@ def _train_run_id(path: Path) -> Optional[str]:
         if summary.is_file():
             try:
                 return json.loads(summary.read_text()).get("mlflow_run_id")
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError, AttributeError):
                 return None
     return None
 

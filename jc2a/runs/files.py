@@ -122,7 +122,7 @@ def _check_fingerprint(path: Path, stored: Optional[str], expected: Mapping[str,
     """Refuse a bank whose fingerprint differs from `expected`, naming the first differing key and both values."""
     try:
         theirs = json.loads(stored) if stored is not None else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # not JSON, or nested deeper than the parser goes
         theirs = None
     if not isinstance(theirs, dict):
         raise UserError(

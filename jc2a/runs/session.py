@@ -97,3 +97,55 @@ def autocast(accelerator, cfg: Config) -> contextlib.AbstractContextManager:
     """The forward's precision for evaluation and validation: float16 on a CPU with `train.cpu_fp16`, else
     accelerate's autocast (fp16/bf16 as the Accelerator was made)."""
     return cpu_fp16_autocast() if uses_cpu_fp16(accelerator, cfg) else accelerator.autocast()
+
+
+class StopSignals:
+    """While active (a `with` block in the main thread), SIGTERM and SIGUSR1 set `signal` instead of killing the
+    process: the loop finishes its step, writes a checkpoint and raises `Preempted` (SLURM sends SIGTERM before it
+    preempts or times out a job, and SIGUSR1 with `--signal`). The previous handlers come back on exit."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.signal: Optional[str] = None
+        self._previous: dict = {}
+
+    def _handle(self, number, frame) -> None:  # signal's handler signature
+        import signal
+
+        self.signal = signal.Signals(number).name
+        log.warning("%s received: stopping after this step with a checkpoint", self.signal)
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    self._previous[name] = signal.signal(getattr(signal, name), self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for name, handler in self._previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def broadcaster(accelerator):
+    """The main process's value on every process (the identity for one process)."""
+    if accelerator.num_processes == 1:
+        return lambda value: value
+    from accelerate.utils import broadcast_object_list
+
+    return lambda value: broadcast_object_list([value])[0]
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of `rank` once the initial weights are built (the same on every rank): distinct per (seed,
+    rank), so Dropout2d masks and P2B's training tie orders differ across ranks as they would within one big
+    batch, and never equal to another run's seed (SeedSequence, not `seed + rank`)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, 0x72616E6B, rank]).generate_state(1, np.uint64)[0] >> 1)

@@ -35,11 +35,11 @@ from jc2a.lock import shared_lock
 from jc2a.progress import progress
 from jc2a.runs.bank import bank_fingerprint, build_bank, ensure_bank
 from jc2a.runs.checkpoints import (
-    STATE_FILE,
     TrainState,
     all_ok,
     check_resume_config,
     find_resume,
+    finished,
     load_checkpoint,
     save_checkpoint,
     verify_checkpoint,
@@ -48,7 +48,15 @@ from jc2a.runs.figures import training_curve
 from jc2a.runs.files import BANK_FILE, CONFIG_FILE, MODEL_FILE, save_bank, save_model_file
 from jc2a.runs.report import variant
 from jc2a.runs.schedule import BatchPlan, batch_plan, poly
-from jc2a.runs.session import close_accelerator, make_accelerator, setup_logging, uses_cpu_fp16
+from jc2a.runs.session import (
+    StopSignals,
+    broadcaster,
+    close_accelerator,
+    make_accelerator,
+    rank_seed,
+    setup_logging,
+    uses_cpu_fp16,
+)
 from jc2a.runs.step import Stepper, trace
 from jc2a.runs.tracking import RunLog, Tracking, mlflow_params, run_name, start_tracking
 
@@ -89,7 +97,7 @@ def train(cfg: Config, resume=None, progress: bool = True) -> dict:
     shards = open_shards(cfg.data, cfg.data.train_split), open_shards(cfg.data, cfg.data.val_split)
     existed = run_dir.is_dir()
     lock = shared_lock(run_dir, f"jc2a train (train.output_dir={run_dir})", accelerator.is_main_process,
-                       _broadcast(accelerator))  # fmt: skip  # one writer per run folder; the ranks share it
+                       broadcaster(accelerator))  # fmt: skip  # one writer per run folder; the ranks share it
     try:
         return _locked(cfg, accelerator, plan, model, shards, run_dir, checkpoint, tracking, progress)
     finally:
@@ -306,72 +314,6 @@ class Loop:
 
 
 # --------------------------------------------------------------------------- set-up helpers
-
-
-def finished(run_dir: Path, checkpoint: Path) -> Optional[dict]:
-    """The summary of a run whose last checkpoint is its final step and whose model file is written (resuming it
-    has nothing to do), else None."""
-    state = TrainState.load(checkpoint / STATE_FILE)
-    summary = run_dir / "train_summary.json"
-    if state.step < state.total_steps or not (run_dir / MODEL_FILE).is_file() or not summary.is_file():
-        return None
-    log.info("%s: finished at step %d of %d (%s written): nothing to resume", run_dir, state.step, state.total_steps,
-             run_dir / MODEL_FILE)  # fmt: skip
-    done = json.loads(summary.read_text())
-    return {**done.get("last", {}), "step": state.step, "skipped_steps": state.skipped_steps, "run_dir": str(run_dir),
-            "mlflow_run_id": state.mlflow_run_id, "finished": True}  # fmt: skip
-
-
-class StopSignals:
-    """While active (a `with` block in the main thread), SIGTERM and SIGUSR1 set `signal` instead of killing the
-    process: the loop finishes its step, writes a checkpoint and raises `Preempted` (SLURM sends SIGTERM before it
-    preempts or times out a job, and SIGUSR1 with `--signal`). The previous handlers come back on exit."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self) -> None:
-        self.signal: Optional[str] = None
-        self._previous: dict = {}
-
-    def _handle(self, number, frame) -> None:  # signal's handler signature
-        import signal
-
-        self.signal = signal.Signals(number).name
-        log.warning("%s received: stopping after this step with a checkpoint", self.signal)
-
-    def __enter__(self) -> StopSignals:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                if hasattr(signal, name):
-                    self._previous[name] = signal.signal(getattr(signal, name), self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        for name, handler in self._previous.items():
-            signal.signal(getattr(signal, name), handler)
-
-
-def _broadcast(accelerator):
-    """The main process's value on every process (the identity for one process)."""
-    if accelerator.num_processes == 1:
-        return lambda value: value
-    from accelerate.utils import broadcast_object_list
-
-    return lambda value: broadcast_object_list([value])[0]
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The torch seed of `rank` once the initial weights are built (the same on every rank): distinct per (seed,
-    rank), so Dropout2d masks and P2B's training tie orders differ across ranks as they would within one big
-    batch, and never equal to another run's seed (SeedSequence, not `seed + rank`)."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, 0x72616E6B, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _accelerator(cfg: Config, tracking: Tracking):
