@@ -21,7 +21,7 @@ COMMANDS = {
     "train": ("jc2a.runs.commands:Train", "train JC2A (accelerate: CPU, 1 GPU, N GPUs, N nodes, DeepSpeed)"),
     "convert-weights": ("jc2a.runs.commands:ConvertWeights", "convert PFENet's .pth weights for pfenet_resnet50/101"),
     "eval": ("jc2a.runs.commands:Eval", "evaluate a trained model at the paper's protocol: results.json/.md, figures"),
-    "predict": ("jc2a.runs.predict", "segment your own query images from K annotated support images"),
+    "predict": ("jc2a.runs.commands:Predict", "segment your own query images from K annotated support images"),
     "demo": ("jc2a.runs.demo", "the main job on the built-in toy data: train, evaluate, show that JC2A learns"),
     "summary": ("jc2a.runs.commands:Summary", "parameter counts of the paper's Table 3 rows"),
     "bench": ("jc2a.bench.command", "benchmarks that print ratios measured in one run"),

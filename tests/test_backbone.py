@@ -433,7 +433,11 @@ def test_a_mistyped_backbone_gets_a_suggestion():
         create_backbone("resnet5O")
 
 
-REFUSED = [("ghostnet_100", "dilation not supported"), ("vit_tiny_patch16_224", "TypeError"), ("densenet121", "TypeError")]
+REFUSED = [
+    ("ghostnet_100", "dilation not supported"),
+    ("vit_tiny_patch16_224", "TypeError"),
+    ("densenet121", "TypeError"),
+]
 
 
 @pytest.mark.parametrize("name, why", REFUSED)

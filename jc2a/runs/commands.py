@@ -9,8 +9,10 @@ import os
 from pathlib import Path
 
 from jc2a.config import RESUME_FREE_KEYS
+from jc2a.labels import MASK_HELP
 
-__all__ = ["Bank", "ConvertWeights", "Eval", "Preview", "Summary", "Train"]
+__all__ = ["Bank", "ConvertWeights", "Eval", "Predict", "Preview", "Summary", "Train"]
+
 
 
 def _config(parser: argparse.ArgumentParser, help_text: str = "YAML config (repeat to compose)") -> None:
@@ -204,4 +206,61 @@ class ConvertWeights:
         arch, dst, count = convert(args.src, args.dst, args.arch)
         print(f"wrote {dst}: {count} tensors of {arch} from {args.src} (fc.* dropped); "
               f"use model.backbone.name={arch} model.backbone.weights={dst}")  # fmt: skip
+        return 0
+
+
+class Predict:
+    """`jc2a predict` (jc2a/runs/predict.py)."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = (
+            MASK_HELP + "\n\nImages are read ignoring EXIF orientation (as the training shards): a photo is segmented "
+            "as stored, and each output has the query's stored size and orientation."
+        )
+        parser.add_argument("--checkpoint", required=True, help="model.safetensors or a run folder")
+        _config(parser, "YAML config instead of the run's (repeat)")
+        parser.add_argument(
+            "--support",
+            action="append",
+            required=True,
+            metavar="IMG:MASK",
+            help="a support image and its mask (repeat for K shots; all go into one forward). " + MASK_HELP,
+        )
+        parser.add_argument("--query", action="append", required=True, metavar="IMG", help="a query image (repeat)")
+        parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (./predictions)")
+        parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+        parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from jc2a.runs.predict import (
+            Predictor,
+            check_device,
+            output_names,
+            pixel_limit,
+            read_image,
+            read_mask,
+            save_prediction,
+            split_support,
+        )
+
+        # 1. the device and every input are checked (images from their headers first) before the model is loaded
+        check_device(args.device)
+        limit = pixel_limit(args.config, args.overrides)
+        pairs = [split_support(text) for text in args.support]
+        supports = [read_image(image, limit) for image, _ in pairs]
+        masks = [read_mask(mask, limit) for _, mask in pairs]
+        queries = [Path(q) for q in args.query]
+        images = [read_image(q, limit) for q in queries]
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.config, args.overrides)
+        names = [os.fspath(image) for image, _ in pairs]
+        prepared = predictor.prepare_supports(supports, masks, names, [os.fspath(mask) for _, mask in pairs])
+        # 2. one query at a time (their sizes differ), the supports prepared once
+        for query, image, name in zip(queries, images, output_names(queries)):
+            result = predictor.predict_one(image, prepared, os.fspath(query))
+            save_prediction(args.out, name, image, result)
+            share = float(result.mask.mean()) * 100
+            print(f"{query} -> {args.out / name}_mask.png ({image.shape[1]}x{image.shape[0]}, {share:.1f}% object)")
         return 0

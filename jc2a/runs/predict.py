@@ -33,15 +33,10 @@ import torch.nn.functional as F
 from jc2a.config import Config
 from jc2a.data.transforms import eval_canvas
 from jc2a.errors import UserError, WriteError
-from jc2a.labels import IGNORE_INDEX
+from jc2a.labels import IGNORE_INDEX, MASK_HELP
 
 ImageLike = Union[np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
-MASK_HELP = (
-    "support masks: a mask whose only values are 0 and 255 is a binary 0/255 mask (255 = object); otherwise 0 is "
-    "background, 255 is ignore and any other value (1, a palette index, a class id) is the object. Palette PNGs are "
-    "read as their indices; colour masks as black = background, white = 255, any other colour = object."
-)
 
 
 @dataclass
@@ -307,13 +302,13 @@ def canvas_to_image(logits: torch.Tensor, region: tuple[int, int], size: tuple[i
 # --------------------------------------------------------------------------- the command
 
 
-def _pixel_limit(args) -> int:
+def pixel_limit(configs, overrides) -> int:
     """`data.max_image_pixels` of the --config files and a `data.max_image_pixels=` override (the run's own config
     is read with the model, after the inputs)."""
     from jc2a.config import load_config
 
-    mine = [o for o in args.overrides if o.split("=", 1)[0].strip() == "data.max_image_pixels"]
-    return load_config(args.config or None, mine).data.max_image_pixels
+    mine = [o for o in overrides if o.split("=", 1)[0].strip() == "data.max_image_pixels"]
+    return load_config(configs or None, mine).data.max_image_pixels
 
 
 def split_support(text: str) -> tuple[Path, Path]:
@@ -364,59 +359,15 @@ def save_prediction(out: Path, name: str, image: np.ndarray, result: Prediction)
     return [p for p, _ in files.values()] + [prob, npy]
 
 
-def add_arguments(parser) -> None:
-    import argparse
-
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = (
-        MASK_HELP + "\n\nImages are read ignoring EXIF orientation (as the training shards): a photo is segmented as "
-        "stored, and each output has the query's stored size and orientation."
-    )
-    parser.add_argument("--checkpoint", required=True, help="model.safetensors or a run folder")
-    parser.add_argument("--config", action="append", default=None, help="YAML config instead of the run's (repeat)")
-    parser.add_argument(
-        "--support",
-        action="append",
-        required=True,
-        metavar="IMG:MASK",
-        help="a support image and its mask (repeat for K shots; all go into one forward). " + MASK_HELP,
-    )
-    parser.add_argument("--query", action="append", required=True, metavar="IMG", help="a query image (repeat)")
-    parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default ./predictions)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-
-
-def run(args) -> int:
-    # 1. the device and every input are checked (images from their headers first) before the model is loaded
-    check_device(args.device)
-    limit = _pixel_limit(args)
-    pairs = [split_support(text) for text in args.support]
-    supports = [read_image(image, limit) for image, _ in pairs]
-    masks = [read_mask(mask, limit) for _, mask in pairs]
-    queries = [Path(q) for q in args.query]
-    images = [read_image(q, limit) for q in queries]
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.config, args.overrides)
-    names = [os.fspath(image) for image, _ in pairs]
-    prepared = predictor.prepare_supports(supports, masks, names, [os.fspath(mask) for _, mask in pairs])
-    # 2. one query at a time (their sizes differ), the supports prepared once
-    for query, image, name in zip(queries, images, output_names(queries)):
-        result = predictor.predict_one(image, prepared, os.fspath(query))
-        save_prediction(args.out, name, image, result)
-        share = float(result.mask.mean()) * 100
-        print(f"{query} -> {args.out / name}_mask.png ({image.shape[1]}x{image.shape[0]}, {share:.1f}% object)")
-    return 0
-
-
 __all__ = [
     "MASK_HELP",
     "Prediction",
     "Predictor",
-    "add_arguments",
     "canvas_to_image",
     "check_device",
+    "output_names",
+    "pixel_limit",
     "read_image",
     "read_mask",
-    "run",
     "support_mask",
 ]
