@@ -228,8 +228,9 @@ def learning_markdown(scores: dict, checks: list[dict], separation: dict, second
         fg = f"{c['trained']:.1f} vs {TIMES_ALL_FOREGROUND * c['all_foreground']:.1f}: {_word(c['vs_all_foreground'])}"
         raw = f"{c['trained']:.1f} vs {c['untrained'] + POINTS_ABOVE_UNTRAINED:.1f}: {_word(c['vs_untrained'])}"
         lines.append(f"| {c['shot']} | {fg} | {raw} | {c['trained'] - c['baseline']:+.1f} |")
-    lines += ["", f"CKMM's class-agnostic map against the objects (any class, base or novel) on {separation['queries']} "
-              f"evaluation queries: mean AUROC {separation['mean']:.3f} (median {separation['median']:.3f}, min "
+    lines += ["", "CKMM's class-agnostic map against the objects (any class, base or novel) on "
+              f"{separation['queries']} evaluation queries: mean AUROC {separation['mean']:.3f} "
+              f"(median {separation['median']:.3f}, min "
               f"{separation['min']:.3f}; {100 * separation['share_at_target']:.0f}% of the queries >= "
               f"{AUROC_TARGET}), target >= {AUROC_TARGET}: {_word(separation['mean'] >= AUROC_TARGET)}. "
               "0.5 is chance.", "",
