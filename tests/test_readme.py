@@ -128,3 +128,22 @@ def test_every_linked_file_exists():
     assert local, "the README links to its docs"
     for link in local:
         assert (ROOT / link).exists(), link
+
+
+def test_every_test_the_docs_name_exists():
+    """README and docs/*.md cite tests as evidence (`test_name`, tests/test_file.py::test_name): each is a test."""
+    defined: dict[str, set[str]] = {}
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined[path.name] = set(re.findall(r"^(?:async )?def (test_\w+)", path.read_text(), re.M))
+    everywhere = set().union(*defined.values())
+    cited = 0
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for file, name in re.findall(r"(test_\w+\.py)::(test_\w+)", text):
+            cited += 1
+            assert file in defined, f"{doc.name} cites {file}, which is not in tests/"
+            assert name in defined[file], f"{doc.name} cites {file}::{name}, which {file} does not define"
+        for name in re.findall(r"`(test_[a-z0-9_]+)`", text):  # lowercase: `test_Resize` is PFENet's
+            cited += 1
+            assert name in everywhere, f"{doc.name} cites `{name}`, which no test file defines"
+    assert cited > 20, "the docs cite their tests"
