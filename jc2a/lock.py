@@ -7,6 +7,9 @@ until it ends, so the kernel says whether an owner is alive, whatever happened t
 
     the flock is held                           -> a live owner: `FolderInUse`, one line naming folder and owner
     the flock is free, this host, owner dead    -> stale: taken over, with a warning naming the old owner
+    the flock is held, this host, owner dead    -> a process it started (a data-loader worker) outlives it: waited
+                                                   for (up to ORPHAN_WAIT_S; workers notice a dead parent in ~5 s),
+                                                   then taken over, or `FolderInUse` saying so
     the flock is free, another host             -> refused (that host's process cannot be checked from here);
                                                    the message names the lock file to delete if it is gone
 
@@ -44,6 +47,7 @@ except ImportError:  # Windows: the owner's pid is checked instead
 __all__ = ["LOCK_NAME", "TOKEN_ENV", "FolderInUse", "FolderLock", "shared_lock"]
 
 LOCK_NAME = ".jc2a.lock"
+ORPHAN_WAIT_S = 30.0  # how long to wait for processes a dead owner started (they share its flock) to exit
 TOKEN_ENV = "JC2A_LOCK_TOKEN"  # tokens (joined by ',') of locks that a process may join: started by their owner
 log = logging.getLogger("jc2a.lock")
 _HELD: dict[str, FolderLock] = {}  # folder (resolved) -> the lock this process holds on it
@@ -329,6 +333,8 @@ class FolderLock:
             if owner is not None and owner.get("token") in _tokens():
                 self.token = owner["token"]  # started by the owner to write the same folder: shared
                 return "taken"
+            if not free and self._orphaned(owner):
+                free = self._wait_for_orphans(fd, owner)
             if not free:
                 raise FolderInUse(self._busy(owner))
             here = owner is not None and owner.get("host") == socket.gethostname()
@@ -345,6 +351,30 @@ class FolderLock:
             return "taken"
         finally:
             os.close(fd)  # our flock of the old file, if any, goes with it (after the new one is in place)
+
+    @staticmethod
+    def _orphaned(owner: Optional[dict]) -> bool:
+        """The owner ran on this host and has exited, so whoever holds its flock is a process it started (forked
+        children share the flock): a data-loader worker, which exits once it sees its parent gone."""
+        return (
+            owner is not None
+            and owner.get("host") == socket.gethostname()
+            and owner.get("boot") in (None, _boot_id())
+            and not _alive(owner.get("pid"), owner.get("start"))
+        )
+
+    def _wait_for_orphans(self, fd: int, owner: dict) -> bool:
+        """Wait (bounded) for the processes a dead owner started to release its flock: True once it is ours."""
+        log.warning(
+            "%s: %s has exited; waiting up to %.0f s for the processes it started to exit",
+            self.folder, _describe(owner), ORPHAN_WAIT_S,
+        )  # fmt: skip
+        deadline = time.monotonic() + ORPHAN_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if _try_flock(fd):
+                return True
+        return False
 
     def _busy(self, owner: Optional[dict]) -> str:
         if owner is None:

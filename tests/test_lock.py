@@ -118,6 +118,47 @@ def test_the_lock_of_a_killed_writer_is_taken_over_with_a_warning(toy_coco, tmp_
     assert not (out / LOCK_NAME).exists()
 
 
+_ORPHAN_HOLDER = """
+import os, sys, time
+from jc2a.lock import FolderLock
+lock = FolderLock(sys.argv[1], 'a run whose worker outlives it').acquire()
+if os.fork() == 0:  # a data-loader worker: it shares the flock and outlives its parent by sys.argv[2] seconds
+    open(sys.argv[1] + '/forked', 'w').close()
+    time.sleep(float(sys.argv[2]))
+    os._exit(0)
+while not os.path.exists(sys.argv[1] + '/forked'):
+    time.sleep(0.01)
+os._exit(0)  # the owner dies without releasing (as under SIGKILL); its child still holds the flock
+"""
+
+
+@pytest.mark.parametrize("child_lives", [1.5, 60.0], ids=["worker-exits", "worker-stays"])
+def test_a_dead_owner_whose_worker_still_holds_the_lock(tmp_path, caplog, monkeypatch, child_lives):
+    """The main process of a run is SIGKILLed; a data-loader worker it forked shares its flock until it notices
+    (within ~5 s). The next writer waits for it (bounded) and takes over, or names the situation once the bound
+    has passed."""
+    import jc2a.lock as lock_module
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.run([sys.executable, "-c", _ORPHAN_HOLDER, str(out), str(child_lives)], env=ENV, timeout=60)
+    assert holder.returncode == 0 and (out / "forked").exists() and (out / LOCK_NAME).exists()
+    monkeypatch.setattr(lock_module, "ORPHAN_WAIT_S", 6.0)
+    caplog.set_level("WARNING", logger="jc2a.lock")
+    start = time.monotonic()
+    if child_lives < lock_module.ORPHAN_WAIT_S:
+        with FolderLock(out, "the resumed run"):
+            assert json.loads((out / LOCK_NAME).read_text())["command"] == "the resumed run"
+        assert "waiting up to 6 s for the processes it started to exit" in caplog.text
+        assert "taking over the lock of a run whose worker outlives it" in caplog.text
+        assert time.monotonic() - start < 6.0
+    else:
+        with pytest.raises(FolderInUse, match="which has exited, but a process it started still holds the lock"):
+            FolderLock(out, "the resumed run").acquire()
+        assert time.monotonic() - start >= 6.0
+        subprocess.run(["pkill", "-f", "a run whose worker outlives it"], check=False)
+
+
 def _write_lock(folder: Path, **owner) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     content = {"host": socket.gethostname(), "pid": 0, "since": time.time() - 60, "command": "jc2a train",
