@@ -22,6 +22,7 @@ COMMANDS = {
     "convert-weights": ("jc2a.runs.commands:ConvertWeights", "convert PFENet's .pth weights for pfenet_resnet50/101"),
     "eval": ("jc2a.runs.commands:Eval", "evaluate a trained model at the paper's protocol: results.json/.md, figures"),
     "predict": ("jc2a.runs.commands:Predict", "segment your own query images from K annotated support images"),
+    "pretrain": ("jc2a.runs.pretrain", "pretrain a small backbone on the toy data: the stand-in for ImageNet weights"),
     "demo": ("jc2a.runs.demo", "the main job on the built-in toy data: train, evaluate, show that JC2A learns"),
     "summary": ("jc2a.runs.commands:Summary", "parameter counts of the paper's Table 3 rows"),
     "bench": ("jc2a.bench.command", "benchmarks that print ratios measured in one run"),

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from jc2a.runs.demo import ROWS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,7 +54,7 @@ def test_the_wheel_runs_the_demo_from_an_empty_folder(fresh, tmp_path):
     assert demo.returncode in (0, 1), demo.stdout[-2000:] + demo.stderr[-4000:]  # 1: the learning targets, unmet
     assert "where everything is:" in demo.stdout
     learning = json.loads((empty / "demo/run/eval/learning.json").read_text())
-    assert {s for s in learning["scores"]["trained"]} == {"1", "5"}
+    assert set(learning["scores"]) == set(ROWS) and set(learning["scores"][ROWS[0]]) == {"1", "5"}
     assert (empty / "demo/run/eval/results.md").is_file()
 
 

@@ -102,7 +102,7 @@ def test_the_readmes_python_runs_as_written(coco_shards, tmp_path, monkeypatch):
     import numpy as np
 
     (tmp_path / "runs/demo").mkdir(parents=True)
-    (tmp_path / "runs/demo/shards").symlink_to(coco_shards, target_is_directory=True)
+    (tmp_path / "runs/demo/shards-v2").symlink_to(coco_shards, target_is_directory=True)
     rng = np.random.default_rng(0)
     for name in ("street", "dog1"):
         image = rng.integers(0, 90, (96, 128, 3), dtype=np.uint8)

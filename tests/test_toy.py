@@ -257,13 +257,125 @@ def test_cli_hooks(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     toy_cmd.add_arguments(parser)
     defaults = parser.parse_args(["--out", str(tmp_path)])
-    assert (defaults.train_images, defaults.val_images, defaults.size, defaults.seed, defaults.format) == (
-        160, 80, 160, 0, "coco",
-    )  # fmt: skip
+    assert (defaults.train_images, defaults.val_images, defaults.size, defaults.seed, defaults.format,
+            defaults.version) == (160, 80, 160, 0, "coco", toy.VERSION) == (160, 80, 160, 0, "coco", 2)  # fmt: skip
     args = parser.parse_args(
         ["--out", str(tmp_path / "v"), "--format", "voc", "--train-images", "8", "--val-images", "6", "--size", "64"]
     )
     assert toy_cmd.run(args) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("toy voc: 14 images (8 train, 6 val)") and str(tmp_path / "v") in line
+    assert line.startswith("toy voc v2: 14 images (8 train, 6 val)") and str(tmp_path / "v") in line
     assert (tmp_path / "v" / "ImageSets/Segmentation/val.txt").read_text().count("\n") == 6
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", str(tmp_path), "--version", "3"])
+
+
+# --------------------------------------------------------------------------- version 2 (issue 17)
+
+
+@pytest.fixture(scope="module")
+def coco_v2(tmp_path_factory) -> tuple[Path, dict]:
+    """Version 2 at the demo's image size: 90 train, 60 val."""
+    out = tmp_path_factory.mktemp("coco2")
+    return out, toy.write_toy_coco(out, train_images=90, val_images=60, size=160, seed=0, version=2)
+
+
+def _masks(coco: COCO, image_id: int) -> list[tuple[dict, np.ndarray]]:
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None))  # painting order
+    return [(a, coco.annToMask(a).astype(bool)) for a in anns]
+
+
+def test_v2_is_the_same_coco_layout_and_deterministic(coco_v2, tmp_path):
+    out, summary = coco_v2
+    for split in ("train", "val"):
+        coco = _load(out / "annotations" / f"instances_{split}2014.json")
+        assert [c["id"] for c in coco.loadCats(coco.getCatIds())] == [c["id"] for c in toy.COCO_CATEGORIES]
+        assert coco.dataset["info"]["version"] == "2.0"
+        for ann in coco.loadAnns(coco.getAnnIds()):
+            assert ann["area"] == coco.annToMask(ann).sum() > 0
+    assert summary["crowd"] > 0 and summary["empty"] > 0
+    a = toy.write_toy_coco(tmp_path / "a", train_images=30, val_images=24, size=64, seed=5, version=2)
+    toy.write_toy_coco(tmp_path / "b", train_images=30, val_images=24, size=64, seed=5, version=2)
+    toy.write_toy_coco(tmp_path / "c", train_images=30, val_images=24, size=64, seed=5)  # version 1
+    da, db, dc = (_digest(tmp_path / n) for n in "abc")
+    assert da == db and set(dc.values()).isdisjoint(da.values()) and a["images"] == 54
+    with pytest.raises(ValueError, match="toy data version 3"):
+        toy.write_toy_coco(tmp_path / "d", train_images=30, val_images=24, size=64, version=3)
+
+
+def test_v2_classes_have_modes_a_constant_part_and_a_look_alike_across_folds():
+    looks = toy.styles(80)
+    assert len(looks) == 80 and all(len(s.modes) == 3 == len(toy.MODE_WEIGHTS) for s in looks)
+    for k, style in enumerate(looks):
+        bodies = [body for body, _ in style.modes]
+        parts = {part for _, part in style.modes}
+        assert len(parts) == 1 and len({b.color for b in bodies}) == 3  # one part look, three body looks
+        assert bodies[0] == toy.appearance(k, 80)  # mode 0's body is version 1's class look
+        nxt = looks[(k + 1) % 80]
+        alike = bodies[2]
+        assert (alike.color, alike.color2, alike.texture) == (nxt.modes[0][0].color, nxt.modes[0][0].color2,
+                                                              nxt.modes[0][0].texture)  # fmt: skip
+        assert alike.shape == style.shape.shape != nxt.shape.shape  # only the shape (and the part) tell them apart
+        assert k % 4 != (k + 1) % 80 % 4  # neighbours are in different COCO-20i folds: base vs novel in every fold
+    assert toy.styles(80) == looks  # fixed by the class index alone
+
+
+def test_v2_sizes_range_from_small_to_most_of_the_image_and_objects_occlude(coco_v2):
+    out, _ = coco_v2
+    coco = _load(out / "annotations" / "instances_train2014.json")
+    fractions, occluded = [], 0
+    for image_id, info in coco.imgs.items():
+        things = [(a, m) for a, m in _masks(coco, image_id) if not a["iscrowd"]]
+        for k, (ann, mask) in enumerate(things):
+            fractions.append(ann["area"] / (info["height"] * info["width"]))
+            above = np.logical_or.reduce([m for _, m in things[k + 1 :]] + [np.zeros_like(mask)])
+            occluded += int((mask & above).sum() >= 0.1 * mask.sum())
+    fractions = np.array(fractions)
+    assert fractions.min() < 0.02 and fractions.max() > 0.4  # small to most of the image
+    assert np.mean(fractions < 0.05) > 0.1 and np.mean(fractions > 0.2) > 0.1
+    assert occluded >= 10  # objects covering >= 10% of others
+
+
+def test_v2_backgrounds_carry_clutter_that_is_not_annotated(coco_v2, tmp_path):
+    """Background pixels (no annotation) hold edges: strokes and distractor blobs; version 1's are smooth."""
+    v1 = tmp_path / "v1"
+    toy.write_toy_coco(v1, train_images=90, val_images=24, size=160, seed=0)
+    edges = {}
+    for name, root in (("v1", v1), ("v2", coco_v2[0])):
+        coco = _load(root / "annotations" / "instances_train2014.json")
+        values = []
+        for image_id, info in list(coco.imgs.items())[:40]:
+            pixels = np.asarray(Image.open(root / "train2014" / info["file_name"]).convert("L"), np.float32)
+            gradient = np.hypot(*np.gradient(cv2.GaussianBlur(pixels, (3, 3), 0)))
+            things = [m for _, m in _masks(coco, image_id)] or [np.zeros(pixels.shape, bool)]
+            background = ~cv2.dilate(np.logical_or.reduce(things).astype(np.uint8), np.ones((5, 5))).astype(bool)
+            values.append(np.mean(gradient[background] > 8))
+        edges[name] = float(np.mean(values))
+    assert edges["v2"] > 3 * edges["v1"], edges
+
+
+def test_pretrain_images_are_their_own_split():
+    """The pretraining split: labelled, deterministic, and no image of it is (near) any few-shot train/val image
+    of the demo's toy set drawn with the same seed."""
+    images, labels = toy.pretrain_images(120, size=112, seed=0)
+    again, _ = toy.pretrain_images(120, size=112, seed=0)
+    assert images.shape == (120, 112, 112, 3) and labels.shape == (120, 80) and np.array_equal(images, again)
+    per_image = labels.sum(1)
+    assert 0.05 < np.mean(per_image == 0) < 0.3 and per_image.max() <= 2  # background-only images, then 1-2
+    shown = labels.sum(0)
+    assert (shown > 0).sum() >= 70  # every class about as often as the others
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        toy.write_toy_coco(root, train_images=150, val_images=90, size=160, seed=0, version=2)
+        few = [np.asarray(Image.open(p).convert("RGB").resize((112, 112), Image.BILINEAR))
+               for split in ("train2014", "val2014") for p in sorted((root / split).glob("*.jpg"))]  # fmt: skip
+    few = np.stack(few)
+    assert not {x.tobytes() for x in images} & {x.tobytes() for x in few}  # no image is another's
+    # nor a near copy: at 28 x 28 the closest pair still differs by > 4 grey levels on average (a few-shot image
+    # and its own JPEG re-encoding: about 1); the closest pairs are two background-only images
+    small = lambda x: x.reshape(len(x), 28, 4, 28, 4, 3).mean((2, 4)).reshape(len(x), -1)  # noqa: E731
+    a, b = small(images.astype(np.float32)), small(few.astype(np.float32))
+    distance = np.abs(a[:, None] - b[None]).mean(-1)
+    assert distance.min() > 4, distance.min()

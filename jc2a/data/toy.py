@@ -412,7 +412,7 @@ VERSIONS = (1, 2)
 VERSION = 2  # what `jc2a toy`, the demo, `jc2a pretrain` and the toy tables draw; 1: the flat set of before
 MODE_WEIGHTS = (0.55, 0.3, 0.15)  # a class's own modes 0 and 1, then its look-alike mode (the next class's body)
 _MIN_OBJECT_PIXELS_V2 = 450  # v2 objects go down to 2% of the image: usable at the toy configs' min_pixels (256)
-_SIZE_RANGE_V2 = (0.02, 0.55)  # first instance of a class: a log-uniform fraction of the image, before crowding
+_SIZE_RANGE_V2 = (0.02, 0.8)  # first instance of a class: a log-uniform fraction of the image, before crowding
 
 
 @dataclass(frozen=True)
@@ -495,7 +495,7 @@ def _layout_v2(
     height: int,
     sizes: tuple[float, float] = _SIZE_RANGE_V2,
 ) -> list[tuple[_Object, float]]:
-    """Version 2's layout: sizes from 2% to over half of the image, centres anywhere (objects occlude each other),
+    """Version 2's layout: sizes from 2% to 80% of the image, centres anywhere (objects occlude each other),
     a mode, a colour jitter, an aspect and a smooth deformation per instance. (object, target pixels) by
     decreasing mask area."""
     crowding = (1.0, 0.85, 0.7, 0.6)[min(len(class_indices), 4) - 1] if class_indices else 1.0
@@ -597,7 +597,7 @@ def draw_image_v2(
     sizes: tuple[float, float] = _SIZE_RANGE_V2,
 ) -> tuple[np.ndarray, list[_Object]]:
     """Version 2 of `draw_image`: a textured background with clutter and distractors, then one object per entry
-    of `class_indices` (in one of its class's modes, body and part, jittered and deformed; 2-55% of the image for a
+    of `class_indices` (in one of its class's modes, body and part, jittered and deformed; 2-80% of the image for a
     class's first instance, anywhere, so objects occlude each other), and a crowd region of `crowd_class`.
 
     The layout is redrawn (up to 8 times) until each main object keeps half of its outline visible. Returns the
@@ -648,7 +648,7 @@ def label_map(objects: list[_Object], height: int, width: int) -> np.ndarray:
 
 
 PRETRAIN_SPLIT = 3  # the generator's split code of the pretraining images (train 1, val 2): their own streams
-PRETRAIN_SIZES = (0.12, 0.5)  # object-centric, as ImageNet's images are: a class's first instance is large
+PRETRAIN_SIZES = (0.1, 0.7)  # object-centric, as ImageNet's images are: a class's first instance is large
 
 
 def pretrain_images(

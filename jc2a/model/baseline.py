@@ -71,7 +71,10 @@ class PrototypeBaseline(nn.Module):
     def _features(self, img: Tensor) -> Tensor:
         if img.dtype == torch.uint8:
             img = self.backbone.normalize(img)
-        _, layer2, layer3, _ = self.backbone(img)
+        if self.backbone.can_split:  # the last stage feeds nothing here
+            _, layer2, layer3 = self.backbone.forward_to_layer3(img)
+        else:
+            _, layer2, layer3, _ = self.backbone(img)
         return self.reduce(torch.cat([layer3, layer2], dim=1))
 
     def forward(

@@ -77,13 +77,15 @@ def toy_shards(
     return shards
 
 
-def pretrained_backbone(cache: Path, steps: Optional[int], seed: int, progress: bool) -> tuple[Path, dict]:
+def pretrained_backbone(
+    cache: Path, steps: Optional[int], seed: int, progress: bool, version: int = TOY_VERSION
+) -> tuple[Path, dict]:
     """The pretrained toy backbone of the demo's config (architecture, toy version, seed, steps), from `cache`
     or pretrained into it."""
     from jc2a.runs.pretrain import Recipe, cached
 
     cfg = load_config(DEMO_CONFIG)
-    recipe = Recipe(arch=cfg.model.backbone.name, version=TOY_VERSION, seed=seed)
+    recipe = Recipe(arch=cfg.model.backbone.name, version=version, seed=seed)
     if steps:
         recipe = replace(recipe, steps=steps)
     return cached(cache, recipe, progress)
@@ -214,7 +216,9 @@ def learning_markdown(scores: dict, checks: list[dict], separation: dict, second
              f"Fold 0 of toy COCO-20i (version {setting['toy_version']}): trained on the 60 base classes on a "
              f"frozen {setting['backbone']} pretrained by `jc2a pretrain` (held-out top-1 "
              f"{setting['pretrain_top1']:.1f}%), evaluated on the 20 novel classes (never seen in training), on the "
-             f"same {setting['episodes']} episodes per shot for every row.", "",
+             f"same {setting['episodes']} episodes per shot for every row."
+             + (" JC2A keeps PFENet's prior mask (model.pfenet_prior; configs/demo.yaml says why)."
+                if setting.get("pfenet_prior") else ""), "",
              "| model | " + " | ".join(f"{k}-shot mIoU | {k}-shot FB-IoU" for k in shots) + " |",
              "|---|" + "---|---|" * len(shots)]  # fmt: skip
     for name in ROWS:
@@ -283,6 +287,7 @@ def demo(
     pretrain_seed: int = 0,
     pretrain_cache: Optional[Path] = None,
     threads: Optional[int] = None,
+    toy_version: int = TOY_VERSION,
 ) -> dict:
     """Run the demo; returns the scores, the CKMM separation, the checks and where everything is.
 
@@ -297,6 +302,7 @@ def demo(
         pretrain_seed: the pretraining's seed.
         pretrain_cache: where pretrained backbones are kept (default `<out>/pretrain`).
         threads: torch's intra-op threads (default: torch's, one per core).
+        toy_version: the toy data (and pretraining images) version; 1 is the flat set of before issue 17.
     """
     from jc2a.runs.evaluate import evaluate
     from jc2a.runs.session import setup_logging
@@ -310,12 +316,12 @@ def demo(
     seconds: dict[str, float] = {}
     # 1. data: toy COCO in the real 2014 layout, then shards
     start = time.perf_counter()
-    shards = toy_shards(out, train_images, val_images, size, progress)
+    shards = toy_shards(out, train_images, val_images, size, progress, toy_version)
     seconds["data"] = time.perf_counter() - start
     # 2. the stand-in for ImageNet: the backbone pretrained on the toy pretraining split (cached)
     start = time.perf_counter()
     weights, pretrained = pretrained_backbone(pretrain_cache or out / "pretrain", pretrain_steps, pretrain_seed,
-                                              progress)  # fmt: skip
+                                              progress, toy_version)  # fmt: skip
     seconds["pretrain"] = time.perf_counter() - start
     run_dir, baseline_dir = out / "run", out / "baseline"
     extra = [f"data.shards={shards}", f"model.backbone.weights={weights}"]
@@ -359,9 +365,9 @@ def demo(
     val.close()
     seconds["ckmm auroc"] = time.perf_counter() - start
     checks = verdicts(scores, separation)
-    setting = {"toy_version": TOY_VERSION, "backbone": cfg.model.backbone.name, "pretrain_top1": pretrained["top1"],
+    setting = {"toy_version": toy_version, "backbone": cfg.model.backbone.name, "pretrain_top1": pretrained["top1"],
                "episodes": cfg.data.eval_episodes, "threads": torch.get_num_threads(), "seed": cfg.train.seed,
-               "steps": cfg.train.max_steps}  # fmt: skip
+               "steps": cfg.train.max_steps, "pfenet_prior": cfg.model.pfenet_prior}  # fmt: skip
     text = learning_markdown(scores, checks, separation, seconds, setting)
     (run_dir / "eval" / "learning.md").write_text(text)
     (run_dir / "eval" / "learning.json").write_text(json.dumps(
@@ -409,6 +415,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pretrain-seed", type=int, default=0)
     parser.add_argument("--pretrain-cache", type=Path, default=None, help="pretrained backbones (default OUT/pretrain)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument("--toy-version", type=int, default=TOY_VERSION, choices=(1, 2),
+                        help=f"toy data version (default {TOY_VERSION}; 1: the flat set of before issue 17)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo.yaml")
 
@@ -416,5 +424,5 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     result = demo(args.out, args.train_images, args.val_images, args.size, args.steps, args.episodes,
                   tuple(args.overrides), not args.no_progress, args.seed, args.pretrain_steps, args.pretrain_seed,
-                  args.pretrain_cache, args.threads)  # fmt: skip
+                  args.pretrain_cache, args.threads, args.toy_version)  # fmt: skip
     return 0 if result["passed"] else 1

@@ -235,6 +235,9 @@ def save_model_file(path: Union[str, os.PathLike], model: nn.Module, cfg: Config
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {"format": MODEL_FORMAT, "config": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and "backbone_weights" not in meta:  # what the backbone started from, for reports
+        meta["backbone_weights"] = backbone.weights_source
     metadata.update({k: json.dumps(v) for k, v in meta.items()})
     return write_safetensors(path, tensors, metadata)
 

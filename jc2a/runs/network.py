@@ -3,6 +3,7 @@ no files)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
@@ -83,10 +84,21 @@ def load_trained_model(
     """
     model_file, _ = resolve_checkpoint(checkpoint, weights)
     cfg = trained_config(checkpoint, configs, overrides, weights)
-    tensors, _ = read_model_file(model_file)
+    tensors, metadata = read_model_file(model_file)
     model = build_model(cfg)
     load_model_state(model, tensors, model_file)
+    model.backbone.weights_source = _trained_backbone_source(metadata, model_file)
     return model, cfg
+
+
+def _trained_backbone_source(metadata: dict, model_file: Path) -> str:
+    """What a trained model's backbone started from (the training's `weights_source`, stored in the model file):
+    reports and MLflow name it, not the "random init" the backbone is built with before the file's tensors load."""
+    try:
+        source = json.loads(metadata.get("backbone_weights", "null"))
+    except json.JSONDecodeError:
+        source = None
+    return source if isinstance(source, str) and source else f"in {model_file.name} (origin not recorded)"
 
 
 def trained_config(

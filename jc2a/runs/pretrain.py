@@ -41,34 +41,46 @@ log = logging.getLogger("jc2a.runs")
 
 FORMAT = "jc2a-toy-pretrain/1"  # the safetensors metadata `format` of a pretrained toy backbone
 NUM_CLASSES = 80  # every COCO category of the toy data, base and novel (ImageNet has seen most COCO classes)
+BACKGROUND = NUM_CLASSES  # the classifier's last class: an image of background, clutter and distractors only
 
 
 @dataclass(frozen=True)
 class Recipe:
     """What a pretrained file depends on (its cache key): the architecture, the toy data and the schedule."""
 
-    arch: str = "lcnet_100"  # PP-LCNet 1.0x: ResNet18's widths (64-128-256-512), ~6x cheaper on a CPU
+    arch: str = "regnetx_002"  # RegNetX-200MF: post-ReLU stages (CKMM's cosine needs them), fast on a CPU
     version: int = VERSION  # toy data version (jc2a.data.toy.VERSIONS)
     seed: int = 0
     images: int = 3000  # drawn, 10% of them held out for the accuracy
-    size: int = 112
-    crop: int = 96
-    steps: int = 360
+    size: int = 96
+    crop: int = 80
+    steps: int = 300
     batch_size: int = 64
-    lr: float = 0.2
+    lr: float = 0.4
     weight_decay: float = 5e-5
     warmup: float = 0.05  # fraction of the steps
+    background: float = 0.3  # share of images with no object, labelled as one more class, "background"
+    letterbox: float = 0.5  # share of the crops shrunk along one side and padded with black (as evaluation pads)
+    output_stride: int = 8  # the classifier dilated as the segmentation backbone is (8): train as it is used
+    optimizer: str = "sgd"  # sgd (Nesterov momentum 0.9) | adamw
 
     def key(self) -> str:
         """The cache file's name: architecture, toy version, seed, then the rest of the recipe."""
         return (f"{self.arch}-toy{self.version}-seed{self.seed}-{self.images}x{self.size}c{self.crop}-"
-                f"{self.steps}x{self.batch_size}-lr{self.lr:g}")  # fmt: skip
+                f"{self.steps}x{self.batch_size}-{self.optimizer}{self.lr:g}-bg{self.background:g}-lb{self.letterbox:g}-"
+                f"os{self.output_stride}")
 
     def check(self) -> None:
         if self.version not in VERSIONS:
             raise UserError(f"toy data version {self.version}: expected one of {', '.join(map(str, VERSIONS))}")
         if not 8 <= self.crop <= self.size:
             raise UserError(f"--crop {self.crop} must be between 8 and --size {self.size}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise UserError(f"optimizer {self.optimizer!r}: expected sgd or adamw")
+        if self.output_stride not in (8, 16, 32):
+            raise UserError(f"output stride {self.output_stride}: expected 8, 16 or 32")
+        if not 0 <= self.background < 1:
+            raise UserError(f"background share {self.background} must be in [0, 1)")
         if self.images < 20 or self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise UserError("--images must be >= 20 and --steps, --batch-size, --lr positive")
 
@@ -81,15 +93,29 @@ def _schedule(step: int, total: int, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - ramp) / max(1, total - ramp)))
 
 
-def _batch(images: torch.Tensor, rng: np.random.Generator, crop: int) -> torch.Tensor:
-    """Random `crop` x `crop` crops (one offset per image) and horizontal flips of uint8 images `[B, S, S, 3]`."""
+def _batch(images: torch.Tensor, rng: np.random.Generator, crop: int, letterbox: float) -> torch.Tensor:
+    """Random `crop` x `crop` crops (one offset per image) and horizontal flips of uint8 images `[B, S, S, 3]`; a
+    `letterbox` share of them is then shrunk along one side (to 55-100%) and put top-left on a black canvas, as the
+    evaluation canvas (PFENet's `Resize`) puts every image that is not square: the backbone sees that padding is
+    not an object."""
     size = images.shape[1]
     out = torch.empty((len(images), crop, crop, 3), dtype=torch.uint8)
     offsets = rng.integers(0, size - crop + 1, size=(len(images), 2))
     flips = rng.random(len(images)) < 0.5
+    boxed = rng.random(len(images)) < letterbox
+    sides = rng.uniform(0.55, 1.0, len(images))
+    tall = rng.random(len(images)) < 0.5
     for i, ((y, x), flip) in enumerate(zip(offsets.tolist(), flips.tolist())):
         patch = images[i, y : y + crop, x : x + crop]
-        out[i] = patch.flip(1) if flip else patch
+        patch = patch.flip(1) if flip else patch
+        if boxed[i]:
+            short = max(8, int(round(crop * sides[i])))
+            h, w = (crop, short) if tall[i] else (short, crop)
+            small = F.interpolate(patch.permute(2, 0, 1)[None].float(), size=(h, w), mode="bilinear",
+                                  align_corners=False)[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+            patch = torch.zeros_like(patch)
+            patch[:h, :w] = small
+        out[i] = patch
     return out
 
 
@@ -100,20 +126,28 @@ def _normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std, crop: int) -> dict:
-    """On held-out images (centre crops): top-1 (the best class is one of the image's) and recall@n (the image's n
-    classes are its n best), in percent."""
+    """On held-out images (centre crops), in percent: on those with objects, top-1 (the best class is one of the
+    image's) and recall@n (the image's n classes are its n best); on the background-only ones, how many come out as
+    background."""
     model.eval()
     offset = (images.shape[1] - crop) // 2
-    hits, recall = 0.0, 0.0
+    hits, recall, objects, background, empty = 0.0, 0.0, 0, 0.0, 0
     for start in range(0, len(images), 128):
         x = _normalize(images[start : start + 128, offset : offset + crop, offset : offset + crop], mean, std)
         logits, y = model(x), labels[start : start + 128]
-        hits += float(y.gather(1, logits.argmax(1, keepdim=True)).sum())
-        for row, target in zip(logits, y):
+        best = logits.argmax(1)
+        for row, target, top in zip(logits, y, best.tolist()):
+            if bool(target[BACKGROUND]):
+                empty += 1
+                background += float(top == BACKGROUND)
+                continue
             n = int(target.sum())
-            recall += float(target[row.topk(n).indices].float().mean()) if n else 1.0
+            objects += 1
+            hits += float(target[top])
+            recall += float(target[row.topk(n).indices].float().mean())
     model.train()
-    return {"top1": 100.0 * hits / len(images), "recall_at_n": 100.0 * recall / len(images)}
+    return {"top1": 100.0 * hits / max(objects, 1), "recall_at_n": 100.0 * recall / max(objects, 1),
+            "background_recall": 100.0 * background / max(empty, 1)}  # fmt: skip
 
 
 def pretrain(out: Union[str, os.PathLike], recipe: Recipe = Recipe(), progress: bool = True) -> dict:
@@ -135,16 +169,18 @@ def pretrain(out: Union[str, os.PathLike], recipe: Recipe = Recipe(), progress: 
     recipe.check()
     start = time.perf_counter()
     # 1. the pretraining split: its own streams of the toy generator, 10% held out
-    pixels, classes = pretrain_images(recipe.images, recipe.size, recipe.seed, recipe.version, NUM_CLASSES, progress)
+    counts = (recipe.background, 0.7 * (1 - recipe.background), 0.3 * (1 - recipe.background))
+    pixels, classes = pretrain_images(recipe.images, recipe.size, recipe.seed, recipe.version, NUM_CLASSES, progress,
+                                      counts)  # fmt: skip
     held = max(10, recipe.images // 10)
     images, labels = torch.from_numpy(pixels), torch.from_numpy(classes)
-    train_x, train_y, val_x, val_y = images[:-held], labels[:-held], images[-held:], labels[-held:]
-    keep = train_y.any(1)  # an image whose objects all got cropped or covered has no class to learn
-    train_x, train_y = train_x[keep], train_y[keep].float()
+    labels = torch.cat([labels, ~labels.any(1, keepdim=True)], dim=1)  # no visible class: "background"
+    train_x, train_y, val_x, val_y = images[:-held], labels[:-held].float(), images[-held:], labels[-held:]
     drawn = time.perf_counter() - start
     # 2. the classifier, at the backbone's own input statistics
     torch.manual_seed(recipe.seed)
-    model = timm.create_model(recipe.arch, pretrained=False, num_classes=NUM_CLASSES)
+    model = timm.create_model(recipe.arch, pretrained=False, num_classes=NUM_CLASSES + 1,
+                              output_stride=recipe.output_stride)
     wanted = state_shapes(recipe.arch)
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k, shape in wanted.items() if own.get(k) != shape]
@@ -154,9 +190,11 @@ def pretrain(out: Union[str, os.PathLike], recipe: Recipe = Recipe(), progress: 
     mean, std = torch.tensor(mean_).view(1, 3, 1, 1), torch.tensor(std_).view(1, 3, 1, 1)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=recipe.lr, momentum=0.9, nesterov=True)  # fmt: skip
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if recipe.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=recipe.lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, recipe.steps, recipe.warmup))
     # 3. the loop: one fixed permutation stream, crops and flips from the same seed
     rng = np.random.default_rng([recipe.seed, 0x9E7])
@@ -168,7 +206,7 @@ def pretrain(out: Union[str, os.PathLike], recipe: Recipe = Recipe(), progress: 
         while len(order) < recipe.batch_size:
             order += rng.permutation(len(train_x)).tolist()
         index, order = order[: recipe.batch_size], order[recipe.batch_size :]
-        x = _normalize(_batch(train_x[index], rng, recipe.crop), mean, std)
+        x = _normalize(_batch(train_x[index], rng, recipe.crop, recipe.letterbox), mean, std)
         y = train_y[index]
         loss = -(F.log_softmax(model(x), dim=1) * (y / y.sum(1, keepdim=True))).sum(1).mean()
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,294 @@
+"""The paper's Tables 3, 4 and 6 on toy data, in the demo's regime (launch/toy_tables.sh, issue 17).
+
+Each row of `jc2a.paper.rows(3)`, `rows(4)` and `rows(6)` is trained with its `configs/ablation/` file on top of
+configs/demo.yaml (the toy data version 2, the frozen backbone `jc2a pretrain` made, one file for every run as the
+paper uses one ImageNet backbone) on fold 0's base classes, once per training seed (Table 3: 5 seeds, Tables 4 and
+6: 3), and evaluated 1-shot and 5-shot on the novel classes, on the same episode list for every run (a model trained
+1-shot serves both: the paper's decision-level fusion). Rows that are the same model (the full JC2A is Table 3's
+`all`, Table 4's `ours`, Table 6's `HPAM add` and `MIA concat`) share their runs. Per row: mean ± sample std over
+the seeds, and against the table's reference row of the same seed (Table 3: the baseline; Tables 4 and 6: the full
+JC2A) the mean paired difference with its 95% interval (Student's t, n - 1 degrees of freedom).
+
+Resumable: every run writes `<out>/<variant>-seed<s>/result.json` when it is done, and a new invocation with the
+same steps and episodes reads it back instead of training again (a run whose weights are there but not its result
+is only evaluated). `--jobs 2` runs two trainings at once, one thread each. The tables go between the markers of
+docs/RESULTS.md when every planned run is done; every run's numbers go to `<out>/runs.json`.
+
+    python -m jc2a.runs.toy_tables --out runs/toy_tables --jobs 2
+    python -m jc2a.runs.toy_tables --tables 3 --seeds3 0 1 --steps 50 --episodes 40 --no-write   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import date
+from pathlib import Path
+from typing import Optional, Sequence
+
+from jc2a.atomic import write_text as atomic_write_text
+from jc2a.paper import PaperRow, rows
+from jc2a.presets import preset
+
+TABLES = (3, 4, 6)
+REFERENCE = {3: "baseline", 4: "jc2a", 6: "jc2a"}  # the variant each table's differences are taken against
+SHOTS = (1, 5)
+MARKERS = ("<!-- toy-tables:start -->", "<!-- toy-tables:end -->")
+# Two-sided 95% quantiles of Student's t with df = n - 1 (scipy is not a dependency): t_{0.975, df}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def run_dir(out: Path, variant: str, seed: int) -> Path:
+    return out / f"{variant.replace('+', '_')}-seed{seed}"
+
+
+def plan(
+    tables: Sequence[int], seeds3: Sequence[int], seeds: Sequence[int], variants: Optional[Sequence[str]] = None
+) -> list[tuple[str, str, int]]:
+    """(variant, ablation config stem, seed) of every run the tables need (only `variants` when given), each model
+    and seed once, in table order."""
+    out: dict[tuple[str, int], str] = {}
+    for table in tables:
+        for row in rows(table):
+            if variants and row.variant not in variants:
+                continue
+            for seed in seeds3 if table == 3 else seeds:
+                out.setdefault((row.variant, seed), row.config or "")
+    return [(variant, config, seed) for (variant, seed), config in out.items()]
+
+
+def run_one(variant: str, config: str, seed: int, shards: str, weights: str, out: str, steps: int, episodes: int,
+            threads: int) -> dict:  # fmt: skip
+    """Train one model (unless its weights are there), evaluate it 1- and 5-shot, write its result.json."""
+    import copy
+
+    import torch
+
+    from jc2a.config import load_config
+    from jc2a.data.episodes import open_shards
+    from jc2a.runs.evaluate import evaluate_episodes
+    from jc2a.runs.network import load_trained_model
+    from jc2a.runs.session import close_accelerator, make_accelerator, reset_accelerate_state, setup_logging
+    from jc2a.runs.train import train
+
+    setup_logging()
+    torch.set_num_threads(threads)
+    folder = run_dir(Path(out), variant, seed)
+    configs = [preset("demo.yaml"), preset(f"ablation/{config}.yaml")]
+    overrides = [f"data.shards={shards}", f"model.backbone.weights={weights}", f"train.output_dir={folder}",
+                 f"train.seed={seed}", f"train.max_steps={steps}", f"train.save_every={steps}", "train.val_every=0",
+                 "train.tracking=none", "data.eval_seeds=[0]"]  # fmt: skip
+    cfg = load_config(configs, overrides)
+    start = time.perf_counter()
+    if not (folder / "model.safetensors").is_file():
+        reset_accelerate_state()
+        train(cfg, progress=False)
+    trained = time.perf_counter() - start
+    reset_accelerate_state()
+    accelerator = make_accelerator(cfg)
+    model, _ = load_trained_model(folder)
+    model.to(accelerator.device)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    val = open_shards(cfg.data, cfg.data.val_split)
+    result = {"variant": variant, "seed": seed, "steps": steps, "episodes": episodes, "weights": weights,
+              "trainable_params": params, "miou": {}, "fbiou": {}}  # fmt: skip
+    for shot in SHOTS:
+        setting = copy.deepcopy(cfg)
+        setting.data.shot = shot
+        numbers, _ = evaluate_episodes(accelerator, model, setting, val, 0, episodes)
+        result["miou"][str(shot)], result["fbiou"][str(shot)] = numbers["miou"], numbers["fbiou"]
+    close_accelerator(accelerator)
+    result.update(seconds_train=trained, seconds=time.perf_counter() - start, threads=threads)
+    atomic_write_text(folder / "result.json", json.dumps(result, indent=1))
+    return result
+
+
+def done(out: Path, variant: str, seed: int, steps: int, episodes: int) -> Optional[dict]:
+    """The result of an earlier invocation's run with the same steps and episodes, or None."""
+    path = run_dir(out, variant, seed) / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return result if (result.get("steps"), result.get("episodes")) == (steps, episodes) else None
+
+
+# --------------------------------------------------------------------------- statistics and tables
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_interval(differences: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95% interval) of paired differences over n seeds: t_{0.975, n-1} x sd / sqrt(n);
+    the half-width is NaN for one seed (no spread to measure) or more than 11 (outside the t table)."""
+    mean, sd = mean_std(differences)
+    n = len(differences)
+    if n < 2 or n - 1 not in T975:
+        return mean, math.nan
+    return mean, T975[n - 1] * sd / math.sqrt(n)
+
+
+def _delta(mean: float, half: float) -> str:
+    if math.isnan(half):
+        return f"{mean:+.1f}"
+    return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]"
+
+
+def table_markdown(table: int, results: dict[tuple[str, int], dict], seeds: Sequence[int]) -> str:
+    """One table: per row mean ± std over `seeds` (1- and 5-shot mIoU, 1-shot FB-IoU), the paired difference
+    against the reference row with its 95% interval, the parameters and the paper's numbers."""
+    reference = REFERENCE[table]
+    ref_name = next(r.label for r in rows(table) if r.variant == reference)
+    head = (f"| row | toy 1-shot mIoU | Δ vs {ref_name}, 95% CI | toy 5-shot mIoU | Δ vs {ref_name}, 95% CI "
+            "| toy 1-shot FB-IoU | trainable params | paper 1-shot | paper 5-shot |")  # fmt: skip
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows(table):
+        mine = [results[(row.variant, s)] for s in seeds if (row.variant, s) in results]
+        if not mine:
+            continue
+        cells = [row.label]
+        for shot in ("1", "5"):
+            m, sd = mean_std([r["miou"][shot] for r in mine])
+            cells.append(f"{m:.1f} ± {sd:.1f}")
+            if row.variant == reference:
+                cells.append("(reference)")
+            else:
+                pairs = [(r, results.get((reference, r["seed"]))) for r in mine]
+                diffs = [r["miou"][shot] - ref["miou"][shot] for r, ref in pairs if ref is not None]
+                cells.append(_delta(*paired_interval(diffs)) if diffs else "—")
+        fb, fb_sd = mean_std([r["fbiou"]["1"] for r in mine])
+        cells += [f"{fb:.1f} ± {fb_sd:.1f}", f"{mine[0]['trainable_params'] / 1e6:.3f} M"]
+        cells += [_paper(row, 1), _paper(row, 5)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _paper(row: PaperRow, shot: int) -> str:
+    n = row.shots.get(shot)
+    if n is None:
+        return "—"
+    return f"{n.miou:.1f}" + (f" ({n.fbiou:.1f})" if n.fbiou is not None else "")
+
+
+def report(results: dict[tuple[str, int], dict], tables: Sequence[int], seeds3: Sequence[int],
+           seeds: Sequence[int], steps: int, episodes: int, command: str, hours: float) -> str:  # fmt: skip
+    """The three tables with their heading (date, machine, command, setting)."""
+    runs = len({k for k in results})
+    lines = [
+        f"Run finished {date.today().isoformat()} on {platform.machine()} ({platform.processor() or 'CPU'}), "
+        f"{os.cpu_count()} cores, no GPU; {runs} runs, {hours:.1f} CPU-hours of training and evaluation in all "
+        f"(the sum of the runs' own times). Command: `{command}`.",
+        "",
+        f"Toy COCO-20i (version 2) fold 0, configs/demo.yaml plus each row's configs/ablation/ file: {steps} "
+        f"training steps of batch 4 on the base classes on the frozen pretrained backbone; 1- and 5-shot mIoU on the "
+        f"20 novel classes over the same {episodes} episodes for every run (5-shot from the same 1-shot-trained "
+        "model); mean ± sample std over the training seeds; Δ: the mean over seeds of (row − reference row of the "
+        "same seed), with its 95% interval (t with n − 1 degrees of freedom). The paper's columns: PASCAL-5i, "
+        "ResNet50, mean over 4 folds (FB-IoU in brackets).",
+    ]
+    for table in tables:
+        seeds_t = seeds3 if table == 3 else seeds
+        lines += ["", f"**Table {table}** (training seeds {list(seeds_t)})", ""]
+        lines.append(table_markdown(table, results, seeds_t))
+    return "\n".join(lines)
+
+
+def write_results(text: str, path: Path = Path("docs/RESULTS.md")) -> Path:
+    """Put `text` between the toy-tables markers of docs/RESULTS.md (the rest of the file is kept)."""
+    doc = path.read_text()
+    start, end = MARKERS
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(doc):
+        raise SystemExit(f"{path}: no {start} ... {end} markers to write the tables between")
+    atomic_write_text(path, pattern.sub(lambda m: f"{start}\n{text}{end}", doc))
+    return path
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from jc2a.runs.demo import TOY_VERSION, pretrained_backbone, toy_shards
+    from jc2a.runs.session import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m jc2a.runs.toy_tables", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("runs/toy_tables"))
+    parser.add_argument("--tables", type=int, nargs="+", default=list(TABLES), choices=TABLES)
+    parser.add_argument("--seeds3", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="Table 3's training seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Tables 4 and 6's training seeds")
+    parser.add_argument("--variants", nargs="+", default=None, help="only these rows (jc2a.paper variant names)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the demo's)")
+    parser.add_argument("--episodes", type=int, default=300, help="evaluation episodes per shot")
+    parser.add_argument("--train-images", type=int, default=600)
+    parser.add_argument("--val-images", type=int, default=240)
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="(default: jc2a pretrain's)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
+    parser.add_argument("--no-write", action="store_true", help="do not touch docs/RESULTS.md")
+    args = parser.parse_args(argv)
+    setup_logging()
+    from jc2a.config import load_config
+
+    steps = args.steps or load_config(preset("demo.yaml")).train.max_steps
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    shards = toy_shards(args.out, args.train_images, args.val_images, 160, progress=False, version=TOY_VERSION)
+    weights, _ = pretrained_backbone(args.out / "pretrain", args.pretrain_steps, 0, progress=False)
+    known = {r.variant for t in args.tables for r in rows(t)}
+    unknown = sorted(set(args.variants or ()) - known)
+    if unknown:
+        parser.error(f"--variants {' '.join(unknown)}: not a row of tables {args.tables} ({', '.join(sorted(known))})")
+    todo = plan(args.tables, args.seeds3, args.seeds, args.variants)
+    results: dict[tuple[str, int], dict] = {}
+    pending = []
+    for variant, config, seed in todo:
+        previous = done(args.out, variant, seed, steps, args.episodes)
+        if previous is not None:
+            results[(variant, seed)] = previous
+        else:
+            pending.append((variant, config, seed))
+    print(f"{len(todo)} runs planned, {len(results)} done earlier, {len(pending)} to run", flush=True)
+
+    def record(result: dict) -> None:
+        results[(result["variant"], result["seed"])] = result
+        print(json.dumps({k: result[k] for k in ("variant", "seed", "miou", "fbiou", "seconds")}), flush=True)
+        atomic_write_text(args.out / "runs.json", json.dumps(list(results.values()), indent=1))
+
+    common = (str(shards), str(weights), str(args.out), steps, args.episodes, threads)
+    if args.jobs > 1 and pending:
+        import multiprocessing
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(run_one, v, c, s, *common) for v, c, s in pending]
+            for future in futures:
+                record(future.result())
+    else:
+        for v, c, s in pending:
+            record(run_one(v, c, s, *common))
+    command = "bash launch/toy_tables.sh" + (f" {' '.join(argv)}" if argv else "")
+    hours = sum(r.get("seconds", 0.0) * r.get("threads", 1) for r in results.values()) / 3600
+    text = report(results, args.tables, args.seeds3, args.seeds, steps, args.episodes, command, hours)
+    print(text)
+    if not args.no_write:
+        print(f"written to {write_results(text)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["MARKERS", "REFERENCE", "T975", "main", "paired_interval", "plan", "report", "run_one", "table_markdown",
+           "write_results"]  # fmt: skip

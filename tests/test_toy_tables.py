@@ -1,0 +1,74 @@
+"""The toy Tables 3, 4 and 6 runner (launch/toy_tables.sh): the plan shares the models the tables have in common,
+a real (tiny) run trains, evaluates 1- and 5-shot and resumes without training again, the paired intervals are
+Student's t, and the tables land between the markers of docs/RESULTS.md without touching the rest."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+
+from jc2a.runs import toy_tables as tt
+
+
+def test_the_plan_runs_each_model_and_seed_once():
+    todo = tt.plan((3, 4, 6), [0, 1, 2, 3, 4], [0, 1, 2])
+    pairs = [(v, s) for v, _, s in todo]
+    assert len(pairs) == len(set(pairs)) == 6 * 5 + 8 * 3  # Table 3: 6 rows x 5 seeds; 4 and 6: 8 other rows x 3
+    assert {s for v, s in pairs if v == "jc2a"} == {0, 1, 2, 3, 4}  # Table 3's `all` is Table 4's `ours`, 6's `add`
+    assert dict(((v, s), c) for v, c, s in todo)[("baseline", 0)] == "table3_baseline"
+    assert tt.plan((4,), [0], [7], variants=["na"]) == [("na", "table4_na", 7)]
+
+
+def test_paired_interval_is_students_t():
+    diffs = [1.0, 3.0, 2.0, 4.0, 0.0]
+    mean, half = tt.paired_interval(diffs)
+    assert mean == 2.0 and half == pytest.approx(2.776 * statistics.stdev(diffs) / math.sqrt(5), rel=1e-12)
+    assert math.isnan(tt.paired_interval([1.5])[1]) and tt.paired_interval([1.5])[0] == 1.5
+
+
+def _result(variant, seed, one, five):
+    return {"variant": variant, "seed": seed, "miou": {"1": one, "5": five}, "fbiou": {"1": 60.0, "5": 61.0},
+            "trainable_params": 905000, "seconds": 60.0, "threads": 1}  # fmt: skip
+
+
+def test_tables_and_markers(tmp_path):
+    results = {("baseline", s): _result("baseline", s, m, m + 1) for s, m in ((0, 40.0), (1, 44.0), (2, 42.0))}
+    results |= {("p2p", s): _result("p2p", s, m, m) for s, m in ((0, 41.0), (1, 47.0), (2, 44.0))}
+    text = tt.report(results, (3,), [0, 1, 2], [0, 1, 2], 800, 300, "bash launch/toy_tables.sh", 0.5)
+    base = next(line for line in text.splitlines() if line.startswith("| baseline |"))
+    p2p = next(line for line in text.splitlines() if line.startswith("| P2P |"))
+    assert "42.0 ± 2.0" in base and "(reference)" in base and "59.0" in base  # mean ± sample std; the paper's
+    half = 4.303 * statistics.stdev([1.0, 3.0, 2.0]) / math.sqrt(3)
+    assert f"+2.0 [{2.0 - half:+.1f}, {2.0 + half:+.1f}]" in p2p  # paired against the same seed's baseline
+    assert "| P2B |" not in text  # rows without runs are left out
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text(f"# head\n{tt.MARKERS[0]}\nstale table\n{tt.MARKERS[1]}\ntail reading\n")
+    tt.write_results(text, doc)
+    written = doc.read_text()
+    assert written.startswith("# head\n") and written.endswith(f"{tt.MARKERS[1]}\ntail reading\n")
+    assert "stale table" not in written and "42.0 ± 2.0" in written
+    doc.write_text("no markers")
+    with pytest.raises(SystemExit, match="markers"):
+        tt.write_results(text, doc)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_tiny_run_trains_evaluates_both_shots_and_resumes(tmp_path, capsys):
+    argv = ["--out", str(tmp_path), "--tables", "3", "--variants", "baseline", "--seeds3", "0", "--steps", "2",
+            "--episodes", "4", "--train-images", "80", "--val-images", "60", "--pretrain-steps", "2", "--no-write"]
+    assert tt.main(argv) == 0
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert [(r["variant"], r["seed"], r["steps"], r["episodes"]) for r in runs] == [("baseline", 0, 2, 4)]
+    assert set(runs[0]["miou"]) == {"1", "5"} and all(0 <= v <= 100 for v in runs[0]["miou"].values())
+    weights = tmp_path / "baseline-seed0" / "model.safetensors"
+    assert weights.is_file() and "| baseline |" in capsys.readouterr().out
+    mtime = weights.stat().st_mtime_ns
+    assert tt.main(argv) == 0  # resumed: read back, not trained again
+    assert "1 runs planned, 1 done earlier, 0 to run" in capsys.readouterr().out
+    assert weights.stat().st_mtime_ns == mtime
+    with pytest.raises(SystemExit):
+        tt.main([*argv[:4], "--variants", "nonsense"])
