@@ -239,6 +239,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/RESULTS.md")
     args = parser.parse_args(argv)
+    known = {r.variant for t in args.tables for r in rows(t)}
+    unknown = sorted(set(args.variants or ()) - known)
+    if unknown:
+        parser.error(f"--variants {' '.join(unknown)}: not a row of tables {args.tables} ({', '.join(sorted(known))})")
     setup_logging()
     from jc2a.config import load_config
 
@@ -246,10 +250,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     shards = toy_shards(args.out, args.train_images, args.val_images, 160, progress=False, version=TOY_VERSION)
     weights, _ = pretrained_backbone(args.out / "pretrain", args.pretrain_steps, 0, progress=False)
-    known = {r.variant for t in args.tables for r in rows(t)}
-    unknown = sorted(set(args.variants or ()) - known)
-    if unknown:
-        parser.error(f"--variants {' '.join(unknown)}: not a row of tables {args.tables} ({', '.join(sorted(known))})")
     todo = plan(args.tables, args.seeds3, args.seeds, args.variants)
     results: dict[tuple[str, int], dict] = {}
     pending = []
