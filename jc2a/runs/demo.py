@@ -243,36 +243,6 @@ def learning_markdown(scores: dict, checks: list[dict], separation: dict, second
     return "\n".join(lines) + "\n"
 
 
-def training_curve(runs: dict[str, Path], path: Path) -> Path:
-    """Loss and validation mIoU against the step of each run (metrics.jsonl), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    twin = ax.twinx()
-    for (name, run_dir), (loss_color, val_color) in zip(runs.items(), (("tab:blue", "tab:orange"),
-                                                                      ("tab:cyan", "tab:red"))):  # fmt: skip
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        val = [(r["step"], r["val_miou"]) for r in records if "val_miou" in r]
-        if loss:
-            ax.plot(*zip(*loss), color=loss_color, lw=1, label=f"{name}: training loss")
-        if val:
-            twin.plot(*zip(*val), "o-", color=val_color, label=f"{name}: validation mIoU")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    twin.set_ylabel("validation mIoU (%, novel classes)")
-    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="center right")
-    ax.set_title("jc2a demo: training on fold 0's base classes (frozen pretrained backbone)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def demo(
     out: Path = Path("runs/demo"),
     train_images: int = 600,
@@ -305,6 +275,7 @@ def demo(
         toy_version: the toy data (and pretraining images) version; 1 is the flat set of before issue 17.
     """
     from jc2a.runs.evaluate import evaluate
+    from jc2a.runs.figures import training_curve
     from jc2a.runs.session import setup_logging
     from jc2a.runs.tracking import tracking_uri
     from jc2a.runs.train import train
@@ -343,7 +314,9 @@ def demo(
         reset_accelerate_state()
         train(base_cfg, progress=progress)
     seconds["train baseline"] = time.perf_counter() - start
-    curve = training_curve({"JC2A": run_dir, "baseline": baseline_dir}, run_dir / "training_curve.png")
+    curve = training_curve({"JC2A": run_dir / "metrics.jsonl", "baseline": baseline_dir / "metrics.jsonl"},
+                           run_dir / "training_curve.png",
+                           "jc2a demo: training on fold 0's base classes (frozen pretrained backbone)")  # fmt: skip
     # 5. the paper's evaluation of the trained JC2A (results.json / results.md, figures, MLflow): its table row
     start = time.perf_counter()
     reset_accelerate_state()

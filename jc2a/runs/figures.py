@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -79,8 +79,9 @@ def save_figures(items: Sequence[Mapping[str, Any]], out: Path, class_names: Map
     ]
 
 
-def training_curve(metrics: Path, path: Path, title: str = "training") -> Path:
-    """Loss and validation mIoU against the step, from a run's metrics.jsonl, as a PNG."""
+def training_curve(metrics: Union[Path, Mapping[str, Path]], path: Path, title: str = "training") -> Path:
+    """Loss and validation mIoU against the step, as a PNG: of one run (its metrics.jsonl), or of several on one
+    plot (`{name: metrics.jsonl}`, each name in the legend; the demo's JC2A beside its baseline)."""
     import json
 
     import matplotlib
@@ -88,18 +89,25 @@ def training_curve(metrics: Path, path: Path, title: str = "training") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_miou"]) for r in records if "val_miou" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if loss:
-        ax.plot(*zip(*loss), color="tab:blue", label="training loss (main + aux)")
+    runs = {"": Path(metrics)} if isinstance(metrics, (str, Path)) else dict(metrics)
+    colours = (("tab:blue", "tab:orange"), ("tab:cyan", "tab:red"), ("tab:green", "tab:purple"))
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    twin = ax.twinx()
+    for (name, source), (loss_colour, val_colour) in zip(runs.items(), colours):
+        records = [json.loads(line) for line in Path(source).read_text().splitlines() if line.strip()]
+        loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["step"], r["val_miou"]) for r in records if "val_miou" in r]
+        prefix = f"{name}: " if name else ""
+        if loss:
+            ax.plot(*zip(*loss), color=loss_colour, lw=1, label=f"{prefix}training loss (main + aux)")
+        if val:
+            twin.plot(*zip(*val), "o-", color=val_colour, label=f"{prefix}validation mIoU (novel classes)")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss", color="tab:blue")
-    if val:
-        twin = ax.twinx()
-        twin.plot(*zip(*val), "o-", color="tab:orange", label="validation mIoU (novel classes)")
-        twin.set_ylabel("validation mIoU (%)", color="tab:orange")
+    ax.set_ylabel("loss")
+    twin.set_ylabel("validation mIoU (%)")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    if handles:
+        ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="center right")
     return save_figure(fig, path, title, dpi=100)
 
 
