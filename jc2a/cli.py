@@ -23,7 +23,7 @@ COMMANDS = {
     "eval": ("jc2a.runs.commands:Eval", "evaluate a trained model at the paper's protocol: results.json/.md, figures"),
     "predict": ("jc2a.runs.commands:Predict", "segment your own query images from K annotated support images"),
     "pretrain": ("jc2a.runs.pretrain", "pretrain a small backbone on the toy data: the stand-in for ImageNet weights"),
-    "demo": ("jc2a.runs.demo", "the main job on the built-in toy data: train, evaluate, show that JC2A learns"),
+    "demo": ("jc2a.runs.commands:Demo", "the main job on the toy data: pretrain, train, evaluate, show JC2A learning"),
     "summary": ("jc2a.runs.commands:Summary", "parameter counts of the paper's Table 3 rows"),
     "bench": ("jc2a.bench.command", "benchmarks that print ratios measured in one run"),
 }

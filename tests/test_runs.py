@@ -220,7 +220,9 @@ def test_logs_a_cluster_user_can_read(coco_shards, tmp_path):
     assert err.strip().splitlines()[-1] == "jc2a train: interrupted"
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["predict"], ["bank"], ["summary"]])
+@pytest.mark.parametrize(
+    "command", [[], ["train"], ["eval"], ["predict"], ["bank"], ["summary"], ["demo"], ["pretrain"], ["toy"]]
+)
 def test_help_answers_in_under_a_second(command):
     """`jc2a --help` and `jc2a COMMAND --help` import no torch: under a second once warm (the best of three, so a
     busy neighbour does not decide it)."""

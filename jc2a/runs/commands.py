@@ -11,7 +11,7 @@ from pathlib import Path
 from jc2a.config import RESUME_FREE_KEYS
 from jc2a.labels import MASK_HELP
 
-__all__ = ["Bank", "ConvertWeights", "Eval", "Predict", "Preview", "Summary", "Train"]
+__all__ = ["Bank", "ConvertWeights", "Demo", "Eval", "Predict", "Preview", "Summary", "Train"]
 
 
 
@@ -264,3 +264,36 @@ class Predict:
             share = float(result.mask.mean()) * 100
             print(f"{query} -> {args.out / name}_mask.png ({image.shape[1]}x{image.shape[0]}, {share:.1f}% object)")
         return 0
+
+
+class Demo:
+    """`jc2a demo` (jc2a/runs/demo.py): the main job on the built-in toy data."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add = parser.add_argument
+        add("--out", type=Path, default=Path("runs/demo"), help="everything goes here (default runs/demo)")
+        add("--train-images", type=int, default=600)
+        add("--val-images", type=int, default=240)
+        add("--size", type=int, default=160, help="toy image side")
+        add("--steps", type=int, default=None, help="training steps (default: configs/demo.yaml's)")
+        add("--episodes", type=int, default=None, help="evaluation episodes per shot (default: config)")
+        add("--seed", type=int, default=None, help="train.seed of JC2A and the baseline (default: config)")
+        add("--pretrain-steps", type=int, default=None, help="pretraining steps (default: jc2a pretrain's)")
+        add("--pretrain-seed", type=int, default=0)
+        add("--pretrain-cache", type=Path, default=None, help="pretrained backbones (default OUT/pretrain)")
+        add("--threads", type=int, default=None, help="torch threads (default: one per core)")
+        add("--toy-version", type=int, default=None, choices=(1, 2),
+                            help="toy data version (default: the one the demo's settings were tuned on, "
+                            "jc2a.runs.demo.TOY_VERSION = 2; 1: the flat set of before issue 17)")  # fmt: skip
+        add("--no-progress", action="store_true")
+        _overrides(parser, "train.max_steps=400")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from jc2a.runs.demo import demo
+
+        result = demo(args.out, args.train_images, args.val_images, args.size, args.steps, args.episodes,
+                      tuple(args.overrides), not args.no_progress, args.seed, args.pretrain_steps, args.pretrain_seed,
+                      args.pretrain_cache, args.threads, args.toy_version)  # fmt: skip
+        return 0 if result["passed"] else 1

@@ -257,7 +257,7 @@ def demo(
     pretrain_seed: int = 0,
     pretrain_cache: Optional[Path] = None,
     threads: Optional[int] = None,
-    toy_version: int = TOY_VERSION,
+    toy_version: Optional[int] = None,
 ) -> dict:
     """Run the demo; returns the scores, the CKMM separation, the checks and where everything is.
 
@@ -272,7 +272,8 @@ def demo(
         pretrain_seed: the pretraining's seed.
         pretrain_cache: where pretrained backbones are kept (default `<out>/pretrain`).
         threads: torch's intra-op threads (default: torch's, one per core).
-        toy_version: the toy data (and pretraining images) version; 1 is the flat set of before issue 17.
+        toy_version: the toy data (and pretraining images) version (default `TOY_VERSION`); 1 is the flat set
+            of before issue 17.
     """
     from jc2a.runs.evaluate import evaluate
     from jc2a.runs.figures import training_curve
@@ -281,6 +282,7 @@ def demo(
     from jc2a.runs.train import train
 
     setup_logging()
+    toy_version = TOY_VERSION if toy_version is None else toy_version
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
@@ -371,31 +373,3 @@ def demo(
         "seconds": seconds,
         "passed": all(c["passed"] for c in checks),
     }
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="everything goes here (default runs/demo)")
-    parser.add_argument("--train-images", type=int, default=600)
-    parser.add_argument("--val-images", type=int, default=240)
-    parser.add_argument("--size", type=int, default=160, help="toy image side")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.yaml's)")
-    parser.add_argument("--episodes", type=int, default=None, help="evaluation episodes per shot (default: config)")
-    parser.add_argument("--seed", type=int, default=None, help="train.seed of JC2A and the baseline (default: config)")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps (default: jc2a pretrain's)")
-    parser.add_argument("--pretrain-seed", type=int, default=0)
-    parser.add_argument("--pretrain-cache", type=Path, default=None, help="pretrained backbones (default OUT/pretrain)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
-    parser.add_argument("--toy-version", type=int, default=TOY_VERSION, choices=(1, 2),
-                        help=f"toy data version (default {TOY_VERSION}; 1: the flat set of before issue 17)")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo.yaml")
-
-
-def run(args) -> int:
-    result = demo(args.out, args.train_images, args.val_images, args.size, args.steps, args.episodes,
-                  tuple(args.overrides), not args.no_progress, args.seed, args.pretrain_steps, args.pretrain_seed,
-                  args.pretrain_cache, args.threads, args.toy_version)  # fmt: skip
-    return 0 if result["passed"] else 1
