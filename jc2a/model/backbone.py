@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from jc2a.errors import UserError
 
 __all__ = [
+    "config_backbone",
     "BACKBONE_VARIANTS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -453,3 +454,13 @@ def create_backbone(
         )
     # its mean/std: timm's pretrained cfg of `name` (a variant's own)
     return Backbone(features, name, frozen=frozen, weights_source=origin, train_bn=train_bn)
+
+
+def config_backbone(
+    cfg: Any, backbone_state: Optional[dict[str, Tensor]] = None, backbone_source: Optional[str] = None
+) -> Backbone:
+    """The backbone `model.backbone.*` describes (JC2A's and the demo's baseline's): its timm name, hub weights or
+    `backbone_state` (named `backbone_source`), frozen or not, its BatchNorm statistics fixed or moving."""
+    bc = cfg.model.backbone
+    return create_backbone(bc.name, pretrained=bc.pretrained, state_dict=backbone_state, source=backbone_source,
+                           where=bc.weights, frozen=bc.frozen, train_bn=bc.train_bn)  # fmt: skip

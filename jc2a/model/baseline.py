@@ -10,7 +10,6 @@ foreground probabilities), and it trains with the same loop, loss (CE, 255 ignor
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -18,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jc2a.labels import IGNORE_INDEX
-from jc2a.model.backbone import Backbone, create_backbone
+from jc2a.model.backbone import Backbone, config_backbone
 from jc2a.model.ckmm import weighted_gap
+from jc2a.model.decoder import log_mean_softmax
 from jc2a.model.prior import COSINE_EPS, resize_mask
 
 __all__ = ["BaselineMaps", "BaselineOutput", "PrototypeBaseline", "build_baseline"]
@@ -93,7 +93,7 @@ class PrototypeBaseline(nn.Module):
         sim_bg = torch.einsum("nchw,nc->nhw", q, F.normalize(bg, dim=1, eps=COSINE_EPS)).unsqueeze(1)
         x = torch.cat([f_q * sim_fg.clamp_min(0).to(f_q.dtype), self.scale * sim_fg, self.scale * sim_bg], dim=1)
         logits = F.interpolate(self.head(x), size=query_img.shape[-2:], mode="bilinear", align_corners=True)
-        logits = _log_mean_softmax(logits, shots)
+        logits = log_mean_softmax(logits, shots)
         if not (self.training or return_maps):
             return logits
         if not return_maps:
@@ -110,14 +110,6 @@ class PrototypeBaseline(nn.Module):
         return total / (target != IGNORE_INDEX).sum().clamp_min(1)
 
 
-def _log_mean_softmax(logits: Tensor, shots: int) -> Tensor:
-    """K-shot decision fusion, as JC2A's: `[B*K, 2, H, W]` -> `log(mean_k softmax(logits_k))` `[B, 2, H, W]`."""
-    if shots == 1:
-        return logits
-    log_p = F.log_softmax(logits.float(), dim=1)
-    return torch.logsumexp(log_p.view(-1, shots, *log_p.shape[1:]), dim=1) - math.log(shots)
-
-
 def build_baseline(
     cfg, backbone_state: Optional[dict[str, Tensor]] = None, backbone_source: Optional[str] = None
 ) -> PrototypeBaseline:
@@ -125,13 +117,5 @@ def build_baseline(
     (`model.backbone.*`), `model.feat_dim` and `model.dropout`; the HPAM, CKMM, MIA and pyramid keys do not
     apply to it."""
     mc = cfg.model
-    backbone = create_backbone(
-        mc.backbone.name,
-        pretrained=mc.backbone.pretrained,
-        state_dict=backbone_state,
-        source=backbone_source,
-        where=mc.backbone.weights,
-        frozen=mc.backbone.frozen,
-        train_bn=mc.backbone.train_bn,
-    )
+    backbone = config_backbone(cfg, backbone_state, backbone_source)
     return PrototypeBaseline(backbone, feat_dim=mc.feat_dim, dropout=mc.dropout)

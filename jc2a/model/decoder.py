@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MIA_OPS", "FeatureEnrichment", "aggregate", "aggregate_channels"]
+__all__ = ["MIA_OPS", "FeatureEnrichment", "aggregate", "aggregate_channels", "log_mean_softmax"]
 
 MIA_OPS = ("concat", "add", "multiply")
 
@@ -116,3 +117,14 @@ class FeatureEnrichment(nn.Module):
         x = self.res1(torch.cat(pyramid, dim=1))
         x = self.res2(x) + x
         return self.cls(x), aux
+
+
+def log_mean_softmax(logits: Tensor, shots: int) -> Tensor:
+    """Decision-level K-shot fusion: `[B*K, n, ...]` -> `log(mean_k softmax(logits_k))` `[B, n, ...]` (fp32).
+
+    Its softmax is exactly the mean of the K softmaxes (its exp already sums to one over the classes).
+    """
+    if shots == 1:
+        return logits
+    log_p = F.log_softmax(logits.float(), dim=1)
+    return torch.logsumexp(log_p.view(-1, shots, *log_p.shape[1:]), dim=1) - math.log(shots)

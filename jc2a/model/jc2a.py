@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from jc2a.config import Config
 from jc2a.folds import base_classes
 from jc2a.labels import IGNORE_INDEX
-from jc2a.model.backbone import Backbone, create_backbone, feature_size
+from jc2a.model.backbone import Backbone, config_backbone, feature_size
 from jc2a.model.ckmm import REDUCTIONS, PrototypeBank, weighted_gap
-from jc2a.model.decoder import MIA_OPS, FeatureEnrichment, aggregate, aggregate_channels
+from jc2a.model.decoder import MIA_OPS, FeatureEnrichment, aggregate, aggregate_channels, log_mean_softmax
 from jc2a.model.hpam import HPAM
 from jc2a.model.prior import pfenet_prior, resize_mask
 
@@ -64,17 +64,6 @@ def pyramid_blocks(
         n, n_ref = math.ceil(b / m) ** 2, math.ceil(ref / min(m_ref, ref)) ** 2
         ks.append(min(n, max(1, round(k * n / n_ref))))
     return ks, blocks
-
-
-def _log_mean_softmax(logits: Tensor, shots: int) -> Tensor:
-    """Decision-level K-shot fusion: `[B*K, n, ...]` -> `log(mean_k softmax(logits_k))` `[B, n, ...]` (fp32).
-
-    Its softmax is exactly the mean of the K softmaxes (its exp already sums to one over the classes).
-    """
-    if shots == 1:
-        return logits
-    log_p = F.log_softmax(logits.float(), dim=1)
-    return torch.logsumexp(log_p.view(-1, shots, *log_p.shape[1:]), dim=1) - math.log(shots)
 
 
 def _cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -269,10 +258,10 @@ class JC2A(nn.Module):
         # 4. decoder, upsampling to the input size, K-shot fusion
         logits, aux = self.decoder(inputs, size)
         logits = F.interpolate(logits, size=query_img.shape[-2:], mode="bilinear", align_corners=True)
-        logits = _log_mean_softmax(logits, shots)
+        logits = log_mean_softmax(logits, shots)
         if not (self.training or return_maps):
             return logits
-        aux_logits = tuple(_log_mean_softmax(a, shots) for a in aux)
+        aux_logits = tuple(log_mean_softmax(a, shots) for a in aux)
         if not return_maps:
             return JC2AOutput(logits, aux_logits)
         maps = {"foreground": logits.float().softmax(dim=1)[:, 1]}
@@ -337,15 +326,7 @@ def build_model(
         from jc2a.model.baseline import build_baseline
 
         return build_baseline(cfg, backbone_state, backbone_source)  # type: ignore[return-value]
-    backbone = create_backbone(
-        mc.backbone.name,
-        pretrained=mc.backbone.pretrained,
-        state_dict=backbone_state,
-        source=backbone_source,
-        where=mc.backbone.weights,
-        frozen=mc.backbone.frozen,
-        train_bn=mc.backbone.train_bn,
-    )
+    backbone = config_backbone(cfg, backbone_state, backbone_source)
     bins = pyramid_bins(mc.bins, cfg.data.image_size)
     hpam = None
     if mc.hpam.p2p or mc.hpam.p2b:
