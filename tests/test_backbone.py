@@ -214,6 +214,7 @@ def _dilated(features, stage):
     return [(b.conv2.dilation, b.conv2.padding, b.conv2.stride) for b in features.get_submodule(stage)]
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 def test_pfenet_resnet50_stem_dilations_and_shapes():
     bb = create_backbone("pfenet_resnet50", pretrained=False)
     f = bb.features

@@ -48,6 +48,7 @@ def server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 def test_runs_are_linked_tagged_curved_and_registered(server, coco_shards, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 

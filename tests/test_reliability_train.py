@@ -147,6 +147,7 @@ def _newest_step(run: Path) -> int:
     return int(found[-1].name[len("step-") :]) if found else 0
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 def test_killed_at_random_moments_resumes_bit_identical(coco_shards, bank, whole, tmp_path):
     rng = random.Random(20240917)
     # 2 or 3 kills, the k-th after checkpoint step-s_k appeared (s_k increasing among 1..4) plus 0-0.5 s

@@ -56,6 +56,7 @@ DETERMINISTIC = ["train.max_steps=6", "train.save_every=2", "train.keep_checkpoi
                  "data.num_workers=0"]  # fmt: skip
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 def test_resume_dir_alone_takes_the_runs_own_config(coco_shards, whole, tmp_path):
     """`jc2a train --resume DIR` with nothing else resumes DIR as it was configured, from any folder, writing
     nothing outside DIR; a key that would change what the run computes is refused in one line naming it; the
@@ -83,6 +84,7 @@ def test_resume_dir_alone_takes_the_runs_own_config(coco_shards, whole, tmp_path
     assert "train.val_every" in helptext and "train.log_every" in helptext
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 def test_init_from_starts_from_trained_weights_with_a_fresh_schedule(coco_shards, whole, tmp_path):
     from jc2a.config import load_config
     from jc2a.runs.network import build_network
@@ -105,6 +107,7 @@ def test_init_from_starts_from_trained_weights_with_a_fresh_schedule(coco_shards
     assert wider.returncode == 2 and "incompatible config" in wider.stderr and "down_query" in wider.stderr
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 def test_sigterm_checkpoints_and_the_resumed_run_is_bit_identical(coco_shards, whole, tmp_path):
     """SIGTERM (what SLURM sends before preempting): the step finishes, a checkpoint is written, the process exits
     with status 75 (launch/slurm.sh requeues on it), and resuming ends bit-identical to the uninterrupted run."""
@@ -125,6 +128,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_is_bit_identical(coco_shards, w
     assert same_model(whole / "model.safetensors", run / "model.safetensors") == []
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 def test_a_kill_during_a_checkpoint_write_resumes_bit_identical(coco_shards, whole, tmp_path):
     """SIGKILL while step-4 is being written (its temporary folder exists): the resume takes step-2, the last
     complete one, and ends bit-identical to the uninterrupted run."""
@@ -157,6 +161,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 def test_a_full_disk_is_one_line_and_leaves_no_temporary(coco_shards, small_disk):
     """A real ENOSPC while writing a checkpoint (the model alone is ~45 MB, the disk 24 MiB): one line saying how
     much space was needed and how much is free, no half-written temporary folder, exit status 2."""
@@ -198,6 +203,7 @@ def test_an_uninstalled_tracker_is_one_line(coco_shards, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 def test_logs_a_cluster_user_can_read(coco_shards, tmp_path):
     """In a file (not a terminal): no carriage-return bars, a plain progress line instead; DeepSpeed's accelerator
     line is gone; Ctrl-C ends with one line and the shell's status 130, no traceback."""
@@ -238,6 +244,7 @@ def test_help_answers_in_under_a_second(command):
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 def test_a_second_writer_of_a_run_folder_is_refused(coco_shards, tmp_path):
     """Two `jc2a train` into one train.output_dir: the second is refused in one line naming the folder and the
     owner, and the first's files are untouched; after the first ends, the folder is free again."""

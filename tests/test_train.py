@@ -116,6 +116,7 @@ def test_full_validation_picks_best(coco_shards, tmp_path):
     assert state["best_step"] in (2, 4) and state["best_miou"] == max(full.values())
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 def test_resume_after_sigkill_is_bit_identical(coco_shards, tmp_path):
     extra = ["train.max_steps=6", "train.save_every=3", "train.deterministic=true", "data.num_workers=2"]
     whole = tmp_path / "whole"
@@ -321,6 +322,7 @@ def test_unreachable_mlflow_store_costs_a_warning_not_the_run(coco_shards, tmp_p
 # --------------------------------------------------------------------------- several processes
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 def test_two_gloo_processes_stay_in_sync_and_draw_different_queries(coco_shards, tmp_path):
     run = tmp_path / "run"
     proc = launch(["train", "--no-progress", "--config", "configs/toy.yaml", *tiny(coco_shards, run,
@@ -334,6 +336,7 @@ def test_two_gloo_processes_stay_in_sync_and_draw_different_queries(coco_shards,
     assert (run / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 def test_two_processes_at_batch_2_optimise_like_one_at_batch_4(coco_shards, tmp_path):
     """The same global batch (2 x 2 = 1 x 4) trains at the same effective lr (0.025) and follows a comparable loss
     curve. The episodes differ (each rank draws its own), so the curves agree statistically, not bit for bit: the
@@ -394,6 +397,7 @@ def _deepspeed_ready() -> str:
     return ""
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 @pytest.mark.skipif(bool(_deepspeed_ready()), reason=_deepspeed_ready() or "ready")
 def test_deepspeed_zero2_runs_two_steps_on_cpu(coco_shards, tmp_path):
     run = tmp_path / "run"
@@ -424,6 +428,7 @@ def test_gradient_accumulation_and_clipping(coco_shards, tmp_path):
     assert [m["step"] for m in lines] == [1, 2] and all(m["grad_norm"] > 0 for m in lines)
 
 
+@pytest.mark.slow  # > 10 s in CI (--durations, 2026-12-02)
 def test_torchrun_trains_with_two_gloo_processes(coco_shards, tmp_path):
     """The same entry point under torchrun: ranks come from the launcher, not 0 of 1."""
     run = tmp_path / "run"
