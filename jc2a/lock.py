@@ -380,9 +380,7 @@ class FolderLock:
         if owner is None:
             return f"{self.folder}: in use by another process (its lock file {self.path} is unreadable); " \
                 "wait for it or use another folder"  # fmt: skip
-        gone = ""
-        if owner.get("host") == socket.gethostname() and not _alive(owner.get("pid"), owner.get("start")):
-            gone = ", which has exited, but a process it started still holds the lock"
+        gone = ", which has exited, but a process it started still holds the lock" if self._orphaned(owner) else ""
         return f"{self.folder}: in use by {_describe(owner)}{gone}; wait for it or use another folder"
 
     def _take_over(self, owner: Optional[dict]) -> None:

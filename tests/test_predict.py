@@ -275,3 +275,30 @@ def test_import_jc2a_stays_light():
     code = "import sys, jc2a; assert 'torch' not in sys.modules; print(jc2a.Predictor.__name__)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "Predictor", proc.stderr
+
+
+def test_a_trained_model_names_what_its_backbone_started_from(run_dir, tmp_path):
+    """The model file records the training backbone's `weights_source`; loading it reports that, not the "random
+    init" the backbone is built with before the file's tensors load; a file without the record says so."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from jc2a.runs.network import load_trained_model
+
+    model, _ = load_trained_model(run_dir)
+    assert model.backbone.weights_source == "random init"  # what the tiny model was built from, read back
+    tensors = load_file(run_dir / MODEL_FILE)
+    with safe_open(str(run_dir / MODEL_FILE), framework="pt") as f:
+        metadata = dict(f.metadata())
+    assert json.loads(metadata["backbone_weights"]) == "random init"
+    other = tmp_path / "run"
+    other.mkdir()
+    (other / CONFIG_FILE).write_text((run_dir / CONFIG_FILE).read_text())
+    recorded = {**metadata, "backbone_weights": json.dumps("file:w.safetensors sha256:ab")}
+    save_file(tensors, str(other / MODEL_FILE), recorded)
+    assert load_trained_model(other)[0].backbone.weights_source == "file:w.safetensors sha256:ab"
+    del metadata["backbone_weights"]  # a model file written before the record existed
+    save_file(tensors, str(other / MODEL_FILE), metadata)
+    assert load_trained_model(other)[0].backbone.weights_source == f"in {MODEL_FILE} (origin not recorded)"

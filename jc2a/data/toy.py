@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import cv2
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -542,8 +543,6 @@ def _visible_enough_v2(placed: list[tuple[_Object, float]]) -> bool:
 def _clutter(image: np.ndarray, rng: np.random.Generator) -> None:
     """Background clutter, never annotated: 2-5 strokes and 1-5 distractor blobs (irregular outlines of no class's
     shape family, in muted random colours and any texture, 0.3-2% of the image each), painted behind the objects."""
-    import cv2  # here only: `jc2a pretrain --help` and `jc2a toy --help` import this module
-
     height, width = image.shape[:2]
     for _ in range(int(rng.integers(2, 6))):
         color = tuple(float(c) for c in colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.8), rng.uniform(0.2, 0.9)))

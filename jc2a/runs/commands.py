@@ -284,8 +284,8 @@ class Demo:
         add("--pretrain-cache", type=Path, default=None, help="pretrained backbones (default OUT/pretrain)")
         add("--threads", type=int, default=None, help="torch threads (default: one per core)")
         add("--toy-version", type=int, default=None, choices=(1, 2),
-                            help="toy data version (default: the one the demo's settings were tuned on, "
-                            "jc2a.runs.demo.TOY_VERSION = 2; 1: the flat set of before issue 17)")  # fmt: skip
+            help="toy data version (default: jc2a.runs.demo.TOY_VERSION, the one the demo's settings were tuned "
+            "on; 1: the flat set of before issue 17)")  # fmt: skip
         add("--no-progress", action="store_true")
         _overrides(parser, "train.max_steps=400")
 

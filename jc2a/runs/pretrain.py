@@ -30,10 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
+from jc2a.errors import UserError
+
 if TYPE_CHECKING:  # torch and numpy are imported where they are used: `jc2a pretrain --help` answers at once
     import numpy as np
     import torch
-from jc2a.errors import UserError
 
 __all__ = ["FORMAT", "Recipe", "add_arguments", "cached", "pretrain", "read_summary", "run"]
 

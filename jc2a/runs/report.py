@@ -13,7 +13,7 @@ from jc2a.atomic import write_text
 from jc2a.config import Config, flatten
 from jc2a.paper import DATASETS, ROWS, VARIANTS, Numbers, comparison, identify, variant_name
 
-__all__ = ["architecture", "markdown", "reproduction_markdown", "summarize", "variant", "write_results"]
+__all__ = ["architecture", "markdown", "mean_std", "reproduction_markdown", "summarize", "variant", "write_results"]
 
 FOLDS = (0, 1, 2, 3)
 
@@ -27,7 +27,7 @@ def variant(cfg: Config) -> str:
 # --------------------------------------------------------------------------- summary
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -48,13 +48,13 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
         entry.update(folds=folds, seeds=seeds, episodes=members[0]["episodes"])
         for metric in ("miou", "fbiou"):
             per_seed = [statistics.fmean(r[metric] for r in members if r["seed"] == s) for s in seeds]
-            mean, std = _mean_std(per_seed)
+            mean, std = mean_std(per_seed)
             entry[f"{metric}_per_seed"] = per_seed
             entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean, std
             entry[f"fold_{metric}"] = {}
             entry[f"fold_{metric}_std"] = {}
             for f in folds:
-                fm, fs = _mean_std([r[metric] for r in members if r["fold"] == f])
+                fm, fs = mean_std([r[metric] for r in members if r["fold"] == f])
                 entry[f"fold_{metric}"][str(f)], entry[f"fold_{metric}_std"][str(f)] = fm, fs
         entry["all_folds"] = folds == list(FOLDS)
         out.append(entry)

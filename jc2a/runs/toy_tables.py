@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import re
-import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import date
@@ -36,6 +35,7 @@ from typing import Optional, Sequence
 from jc2a.atomic import write_text as atomic_write_text
 from jc2a.paper import PaperRow, rows
 from jc2a.presets import preset
+from jc2a.runs.report import mean_std
 
 TABLES = (3, 4, 6)
 REFERENCE = {3: "baseline", 4: "jc2a", 6: "jc2a"}  # the variant each table's differences are taken against
@@ -123,11 +123,6 @@ def done(out: Path, variant: str, seed: int, steps: int, episodes: int) -> Optio
 
 
 # --------------------------------------------------------------------------- statistics and tables
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def paired_interval(differences: Sequence[float]) -> tuple[float, float]:
