@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,13 @@ def fresh_accelerate_state():
         sys.modules["torch"].use_deterministic_algorithms(False)
     if "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None:  # a test stopped mid-run
         sys.modules["mlflow"].end_run(status="KILLED")
+
+
+@pytest.fixture
+def jc2a_handlers():
+    """A run's `setup_logging` adds its stderr handler to the `jc2a` logger while capsys holds stderr; the
+    handler would outlive the capture and write to a closed stream in later tests: put the handlers back after."""
+    logger = logging.getLogger("jc2a")
+    saved = list(logger.handlers)
+    yield
+    logger.handlers[:] = saved

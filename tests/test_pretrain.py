@@ -64,7 +64,7 @@ def test_bad_recipes_are_refused(tmp_path, bad, message):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_command_line(tmp_path, capsys):
+def test_command_line(tmp_path, capsys, jc2a_handlers):
     parser = argparse.ArgumentParser()
     pt.add_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path / "w.safetensors"), "--arch", "regnetx_002", "--images", "40",

@@ -57,7 +57,7 @@ def test_tables_and_markers(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_tiny_run_trains_evaluates_both_shots_and_resumes(tmp_path, capsys):
+def test_a_tiny_run_trains_evaluates_both_shots_and_resumes(tmp_path, capsys, jc2a_handlers):
     argv = ["--out", str(tmp_path), "--tables", "3", "--variants", "baseline", "--seeds3", "0", "--steps", "2",
             "--episodes", "4", "--train-images", "80", "--val-images", "240", "--pretrain-steps", "2", "--no-write"]
     assert tt.main(argv) == 0
