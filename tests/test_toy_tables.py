@@ -11,6 +11,7 @@ import statistics
 import pytest
 
 from jc2a.runs import toy_tables as tt
+from jc2a.runs.network import load_trained_model
 
 
 def test_the_plan_runs_each_model_and_seed_once():
@@ -20,6 +21,18 @@ def test_the_plan_runs_each_model_and_seed_once():
     assert {s for v, s in pairs if v == "jc2a"} == {0, 1, 2, 3, 4}  # Table 3's `all` is Table 4's `ours`, 6's `add`
     assert dict(((v, s), c) for v, c, s in todo)[("baseline", 0)] == "table3_baseline"
     assert tt.plan((4,), [0], [7], variants=["na"]) == [("na", "table4_na", 7)]
+
+
+def test_an_earlier_result_counts_only_for_the_same_steps_episodes_and_prior(tmp_path):
+    folder = tt.run_dir(tmp_path, "p2p+p2b", 3)
+    folder.mkdir()
+    (folder / "result.json").write_text(json.dumps({"steps": 800, "episodes": 300, "prior": True}))
+    assert tt.done(tmp_path, "p2p+p2b", 3, 800, 300) is not None
+    assert tt.done(tmp_path, "p2p+p2b", 3, 800, 200) is None and tt.done(tmp_path, "p2p+p2b", 3, 400, 300) is None
+    assert tt.done(tmp_path, "p2p+p2b", 3, 800, 300, prior=False) is None  # and has its own folder:
+    assert tt.run_dir(tmp_path, "p2p+p2b", 3, prior=False) != folder
+    (folder / "result.json").write_text("{not json")
+    assert tt.done(tmp_path, "p2p+p2b", 3, 800, 300) is None
 
 
 def test_paired_interval_is_students_t():
@@ -64,6 +77,9 @@ def test_a_tiny_run_trains_evaluates_both_shots_and_resumes(tmp_path, capsys, jc
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert [(r["variant"], r["seed"], r["steps"], r["episodes"]) for r in runs] == [("baseline", 0, 2, 4)]
     assert set(runs[0]["miou"]) == {"1", "5"} and all(0 <= v <= 100 for v in runs[0]["miou"].values())
+    assert runs[0]["prior"] is True  # the demo's regime for every row, though table3_baseline.yaml says false
+    _, cfg = load_trained_model(tmp_path / "baseline-seed0")
+    assert cfg.model.pfenet_prior and not cfg.model.ckmm.enabled and not cfg.model.hpam.p2p
     weights = tmp_path / "baseline-seed0" / "model.safetensors"
     assert weights.is_file() and "| baseline |" in capsys.readouterr().out
     mtime = weights.stat().st_mtime_ns
