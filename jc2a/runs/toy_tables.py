@@ -198,12 +198,14 @@ def report(results: dict[tuple[str, int], dict], tables: Sequence[int], seeds3: 
         "same seed), with its 95% interval (t with n − 1 degrees of freedom). The paper's columns: PASCAL-5i, "
         "ResNet50, mean over 4 folds (FB-IoU in brackets).",
         "",
-        ("Every row keeps PFENet's prior mask (`model.pfenet_prior=true`), as the demo does: the rows differ only "
-         "in HPAM, CKMM and MIA, so Table 3's baseline is PFENet (the paper's Table 5) and its CKMM row PFENet + "
-         "CKMM. The paper's rows have no prior (its JC2A replaces the prior by CKMM); on the toy data that model "
-         "did not learn the novel classes in the demo's budget (configs/demo.yaml), `--no-prior` runs it.")
-        if prior else
-        "No row has PFENet's prior mask (`--no-prior`: the paper's models, its JC2A replacing the prior by CKMM).",
+        (
+            "Every row keeps PFENet's prior mask (`model.pfenet_prior=true`), as the demo does: the rows differ only "
+            "in HPAM, CKMM and MIA, so Table 3's baseline is PFENet (the paper's Table 5) and its CKMM row PFENet + "
+            "CKMM. The paper's rows have no prior (its JC2A replaces the prior by CKMM); on the toy data that model "
+            "did not learn the novel classes in the demo's budget (configs/demo.yaml), `--no-prior` runs it."
+        )
+        if prior
+        else "No row has PFENet's prior mask (`--no-prior`: the paper's models, its JC2A replacing the prior by CKMM).",
     ]
     for table in tables:
         seeds_t = seeds3 if table == 3 else seeds
@@ -244,8 +246,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=None, help="(default: jc2a pretrain's)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
-    parser.add_argument("--no-prior", dest="prior", action="store_false",
-                        help="no row has PFENet's prior mask, as the paper's (default: every row has it, as the demo)")
+    parser.add_argument(
+        "--no-prior",
+        dest="prior",
+        action="store_false",
+        help="no row has PFENet's prior mask, as the paper's (default: every row has it, as the demo)",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/RESULTS.md")
     args = parser.parse_args(argv)
     known = {r.variant for t in args.tables for r in rows(t)}
