@@ -10,6 +10,7 @@ import statistics
 
 import pytest
 
+from jc2a.config import ConfigError
 from jc2a.runs import toy_tables as tt
 from jc2a.runs.network import load_trained_model
 
@@ -105,5 +106,11 @@ def test_a_tiny_run_trains_evaluates_both_shots_and_resumes(tmp_path, capsys, jc
     assert tt.main(argv) == 0  # resumed: read back, not trained again
     assert "1 runs planned, 1 done earlier, 0 to run" in capsys.readouterr().out
     assert weights.stat().st_mtime_ns == mtime
+    (tmp_path / "baseline-seed0" / "result.json").unlink()  # stopped after training: only evaluated again
+    assert tt.main(argv) == 0 and weights.stat().st_mtime_ns == mtime
+    assert json.loads((tmp_path / "runs.json").read_text())[0]["miou"] == runs[0]["miou"]
+    (tmp_path / "baseline-seed0" / "result.json").unlink()
+    with pytest.raises(ConfigError, match="max_steps"):  # the folder's run had 2 steps: not reused for 3
+        tt.main([*argv[:9], "3", *argv[10:]])
     with pytest.raises(SystemExit):
         tt.main([*argv[:4], "--variants", "nonsense"])

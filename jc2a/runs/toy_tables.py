@@ -12,8 +12,9 @@ PFENet's prior mask, as the demo does (without it JC2A did not learn the novel t
 configs/demo.yaml says how it was measured); `--no-prior` runs the paper's models, none with the prior.
 
 Resumable: every run writes `<out>/<variant>-seed<s>/result.json` when it is done, and a new invocation with the
-same steps and episodes reads it back instead of training again (a run whose weights are there but not its result
-is only evaluated). `--jobs 2` runs two trainings at once, one thread each. The tables go between the markers of
+same steps, episodes and prior reads it back instead of training again (a run stopped before its result is resumed
+from its last checkpoint, a quarter of its steps apart; a finished training is only evaluated). `--jobs 2` runs two
+trainings at once, one thread each. The tables go between the markers of
 docs/RESULTS.md when every planned run is done; every run's numbers go to `<out>/runs.json`.
 
     python -m jc2a.runs.toy_tables --out runs/toy_tables --jobs 2
@@ -76,6 +77,7 @@ def run_one(variant: str, config: str, seed: int, shards: str, weights: str, out
 
     from jc2a.config import load_config
     from jc2a.data.episodes import open_shards
+    from jc2a.runs.checkpoints import checkpoint_dirs
     from jc2a.runs.evaluate import evaluate_episodes
     from jc2a.runs.network import load_trained_model
     from jc2a.runs.session import close_accelerator, make_accelerator, reset_accelerate_state, setup_logging
@@ -86,13 +88,15 @@ def run_one(variant: str, config: str, seed: int, shards: str, weights: str, out
     folder = run_dir(Path(out), variant, seed, prior)
     configs = [preset("demo.yaml"), preset(f"ablation/{config}.yaml")]
     overrides = [f"data.shards={shards}", f"model.backbone.weights={weights}", f"train.output_dir={folder}",
-                 f"train.seed={seed}", f"train.max_steps={steps}", f"train.save_every={steps}", "train.val_every=0",
-                 "train.tracking=none", "data.eval_seeds=[0]", f"model.pfenet_prior={str(prior).lower()}"]  # fmt: skip
+                 f"train.seed={seed}", f"train.max_steps={steps}", f"train.save_every={max(1, steps // 4)}",
+                 "train.val_every=0", "train.tracking=none", "data.eval_seeds=[0]",
+                 f"model.pfenet_prior={str(prior).lower()}"]  # fmt: skip
     cfg = load_config(configs, overrides)
     start = time.perf_counter()
-    if not (folder / "model.safetensors").is_file():
-        reset_accelerate_state()
-        train(cfg, progress=False)
+    # resumed from the folder's last checkpoint when there is one (a finished run is left as it is); a folder whose
+    # run had another config (steps, prior, ...) is refused by train's own check, naming the key
+    reset_accelerate_state()
+    train(cfg, progress=False, resume=bool(checkpoint_dirs(folder)))
     trained = time.perf_counter() - start
     reset_accelerate_state()
     accelerator = make_accelerator(cfg)
