@@ -36,6 +36,23 @@ def test_an_earlier_result_counts_only_for_the_same_steps_episodes_and_prior(tmp
     assert tt.done(tmp_path, "p2p+p2b", 3, 800, 300) is None
 
 
+def test_runs_of_an_earlier_runs_json_are_reused_when_their_setting_is_the_same(tmp_path):
+    good = [_result("p2p", 0, 41.0, 42.0) | {"steps": 500, "episodes": 200, "prior": True},
+            _result("p2p", 1, 43.0, 44.0) | {"steps": 800, "episodes": 200, "prior": True},
+            _result("p2b", 0, 40.0, 40.0) | {"steps": 500, "episodes": 200, "prior": False}]  # fmt: skip
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(good))
+    assert list(tt.reused([path], 500, 200, True)) == [("p2p", 0)]
+    assert list(tt.reused([path], 500, 200, False)) == [("p2b", 0)] and not tt.reused([path], 500, 300, True)
+    too_high = json.dumps([good[0], {**good[0], "miou": {"1": 140.0, "5": 1.0}}])
+    bad = (("{", "not readable as JSON"), ("{}", "holds a dict"), ('[{"variant": "p2p"}]', "record 0"),
+           (too_high, "record 1 .*0-100"))  # fmt: skip
+    for text, match in bad:
+        path.write_text(text)
+        with pytest.raises(SystemExit, match=match):
+            tt.reused([path], 500, 200, True)
+
+
 def test_paired_interval_is_students_t():
     diffs = [1.0, 3.0, 2.0, 4.0, 0.0]
     mean, half = tt.paired_interval(diffs)
@@ -109,6 +126,11 @@ def test_a_tiny_run_trains_evaluates_both_shots_and_resumes(tmp_path, capsys, jc
     (tmp_path / "baseline-seed0" / "result.json").unlink()  # stopped after training: only evaluated again
     assert tt.main(argv) == 0 and weights.stat().st_mtime_ns == mtime
     assert json.loads((tmp_path / "runs.json").read_text())[0]["miou"] == runs[0]["miou"]
+    again = [*argv, "--reuse", str(tmp_path / "runs.json")]
+    again[1] = str(tmp_path / "again")
+    assert tt.main(again) == 0  # another folder: the runs.json of the first counts as done
+    assert "1 runs planned, 1 done earlier, 0 to run" in capsys.readouterr().out
+    assert not (tmp_path / "again" / "baseline-seed0").exists()
     (tmp_path / "baseline-seed0" / "result.json").unlink()
     with pytest.raises(ConfigError, match="max_steps"):  # the folder's run had 2 steps: not reused for 3
         tt.main([*argv[:9], "3", *argv[10:]])

@@ -19,6 +19,7 @@ docs/RESULTS.md when every planned run is done; every run's numbers go to `<out>
 
     python -m jc2a.runs.toy_tables --out runs/toy_tables --jobs 2
     python -m jc2a.runs.toy_tables --tables 3 --seeds3 0 1 --steps 50 --episodes 40 --no-write   # a quick look
+    python -m jc2a.runs.toy_tables --reuse docs/toy_tables/runs-500.json --steps 500 --episodes 200   # the tables
 """
 
 from __future__ import annotations
@@ -128,6 +129,33 @@ def done(out: Path, variant: str, seed: int, steps: int, episodes: int, prior: b
         return None
     same = (result.get("steps"), result.get("episodes"), result.get("prior")) == (steps, episodes, prior)
     return result if same else None
+
+
+def reused(files: Sequence[Path], steps: int, episodes: int, prior: bool) -> dict[tuple[str, int], dict]:
+    """The runs of earlier invocations' `runs.json` files (e.g. another session's, committed) with the same steps,
+    episodes and prior, by (variant, seed): a long table can be run in parts on different days or machines. Only
+    numbers are read from them; a record that is not a run's result is refused naming the file and the record."""
+    found: dict[tuple[str, int], dict] = {}
+    for path in files:
+        try:
+            records = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--reuse {path}: not readable as JSON ({type(exc).__name__}: {exc})") from None
+        if not isinstance(records, list):
+            raise SystemExit(f"--reuse {path}: a runs.json holds a list of runs, this holds a {type(records).__name__}")
+        for i, r in enumerate(records):
+            try:
+                key = (str(r["variant"]), int(r["seed"]))
+                scores = [float(r[m][shot]) for m in ("miou", "fbiou") for shot in ("1", "5")]
+                float(r["trainable_params"])
+            except (TypeError, KeyError, ValueError):
+                raise SystemExit(f"--reuse {path}: record {i} is not a run's result (variant, seed, miou and fbiou "
+                                 "for shots 1 and 5, trainable_params)") from None  # fmt: skip
+            if not all(0.0 <= v <= 100.0 for v in scores):
+                raise SystemExit(f"--reuse {path}: record {i} ({key[0]} seed {key[1]}) has a score outside 0-100")
+            if (r.get("steps"), r.get("episodes"), r.get("prior")) == (steps, episodes, prior):
+                found[key] = r
+    return found
 
 
 # --------------------------------------------------------------------------- statistics and tables
@@ -256,6 +284,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         action="store_false",
         help="no row has PFENet's prior mask, as the paper's (default: every row has it, as the demo)",
     )
+    parser.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="RUNS_JSON",
+                        help="count the runs of earlier runs.json files with the same steps, episodes and prior as "
+                        "done (a table run in parts)")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/RESULTS.md")
     args = parser.parse_args(argv)
     known = {r.variant for t in args.tables for r in rows(t)}
@@ -272,8 +303,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     todo = plan(args.tables, args.seeds3, args.seeds, args.variants)
     results: dict[tuple[str, int], dict] = {}
     pending = []
+    earlier = reused(args.reuse, steps, args.episodes, args.prior)
     for variant, config, seed in todo:
-        previous = done(args.out, variant, seed, steps, args.episodes, args.prior)
+        previous = done(args.out, variant, seed, steps, args.episodes, args.prior) or earlier.get((variant, seed))
         if previous is not None:
             results[(variant, seed)] = previous
         else:
@@ -309,5 +341,5 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["MARKERS", "REFERENCE", "T975", "main", "paired_interval", "plan", "report", "run_one", "table_markdown",
-           "write_results"]  # fmt: skip
+__all__ = ["MARKERS", "REFERENCE", "T975", "main", "paired_interval", "plan", "report", "reused", "run_one",
+           "table_markdown", "write_results"]  # fmt: skip
