@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import re
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import date
@@ -328,7 +329,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         for v, c, s in pending:
             record(run_one(v, c, s, *common))
-    command = "bash launch/toy_tables.sh" + (f" {' '.join(argv)}" if argv else "")
+    given = list(sys.argv[1:] if argv is None else argv)  # what the user typed after the script, for the report
+    command = "bash launch/toy_tables.sh" + (f" {' '.join(given)}" if given else "")
     hours = sum(r.get("seconds", 0.0) * r.get("threads", 1) for r in results.values()) / 3600
     text = report(results, args.tables, args.seeds3, args.seeds, steps, args.episodes, command, hours, args.prior)
     print(text)
