@@ -130,7 +130,7 @@ def test_a_tiny_run_trains_evaluates_both_shots_and_resumes(tmp_path, capsys, jc
     again[1] = str(tmp_path / "again")
     assert tt.main(again) == 0  # another folder: the runs.json of the first counts as done
     assert "1 runs planned, 1 done earlier, 0 to run" in capsys.readouterr().out
-    assert not (tmp_path / "again" / "baseline-seed0").exists()
+    assert not (tmp_path / "again").exists()  # nothing to train: no data, no backbone, no run folder made
     (tmp_path / "baseline-seed0" / "result.json").unlink()
     with pytest.raises(ConfigError, match="max_steps"):  # the folder's run had 2 steps: not reused for 3
         tt.main([*argv[:9], "3", *argv[10:]])

@@ -299,8 +299,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     steps = args.steps or load_config(preset("demo.yaml")).train.max_steps
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    shards = toy_shards(args.out, args.train_images, args.val_images, 160, progress=False, version=TOY_VERSION)
-    weights, _ = pretrained_backbone(args.out / "pretrain", args.pretrain_steps, 0, progress=False)
     todo = plan(args.tables, args.seeds3, args.seeds, args.variants)
     results: dict[tuple[str, int], dict] = {}
     pending = []
@@ -318,6 +316,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps({k: result[k] for k in ("variant", "seed", "miou", "fbiou", "seconds")}), flush=True)
         atomic_write_text(args.out / "runs.json", json.dumps(list(results.values()), indent=1))
 
+    if pending:  # the data and the backbone only when something is to train (not for tables from --reuse alone)
+        shards = toy_shards(args.out, args.train_images, args.val_images, 160, progress=False, version=TOY_VERSION)
+        weights, _ = pretrained_backbone(args.out / "pretrain", args.pretrain_steps, 0, progress=False)
+    else:
+        shards = weights = ""
     common = (str(shards), str(weights), str(args.out), steps, args.episodes, threads, args.prior)
     if args.jobs > 1 and pending:
         import multiprocessing
