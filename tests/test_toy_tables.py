@@ -89,27 +89,9 @@ def test_tables_and_markers(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_tiny_run_trains_evaluates_both_shots_and_resumes(tmp_path, capsys, jc2a_handlers):
-    argv = [
-        "--out",
-        str(tmp_path),
-        "--tables",
-        "3",
-        "--variants",
-        "baseline",
-        "--seeds3",
-        "0",
-        "--steps",
-        "2",
-        "--episodes",
-        "4",
-        "--train-images",
-        "80",
-        "--val-images",
-        "240",
-        "--pretrain-steps",
-        "2",
-        "--no-write",
-    ]
+    argv = ["--out", str(tmp_path), "--tables", "3", "--variants", "baseline", "--seeds3", "0", "--steps", "2",
+            "--episodes", "4", "--train-images", "80", "--val-images", "240", "--pretrain-steps", "2",
+            "--no-write"]  # fmt: skip
     assert tt.main(argv) == 0
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert [(r["variant"], r["seed"], r["steps"], r["episodes"]) for r in runs] == [("baseline", 0, 2, 4)]

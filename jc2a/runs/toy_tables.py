@@ -71,7 +71,8 @@ def plan(
 
 def run_one(variant: str, config: str, seed: int, shards: str, weights: str, out: str, steps: int, episodes: int,
             threads: int, prior: bool = True) -> dict:  # fmt: skip
-    """Train one model (unless its weights are there), evaluate it 1- and 5-shot, write its result.json. `prior`
+    """Train one model (resuming its folder's run, left as it is when finished), evaluate it 1- and 5-shot, write
+    its result.json. `prior`
     sets PFENet's prior mask for every row alike (after the row's ablation file, which may say otherwise)."""
     import copy
 
@@ -128,8 +129,12 @@ def done(out: Path, variant: str, seed: int, steps: int, episodes: int, prior: b
         result = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    same = (result.get("steps"), result.get("episodes"), result.get("prior")) == (steps, episodes, prior)
-    return result if same else None
+    return result if same_setting(result, steps, episodes, prior) else None
+
+
+def same_setting(result: dict, steps: int, episodes: int, prior: bool) -> bool:
+    """Whether a run's result was computed with these steps, episodes and prior (what makes runs comparable)."""
+    return (result.get("steps"), result.get("episodes"), result.get("prior")) == (steps, episodes, prior)
 
 
 def reused(files: Sequence[Path], steps: int, episodes: int, prior: bool) -> dict[tuple[str, int], dict]:
@@ -154,7 +159,7 @@ def reused(files: Sequence[Path], steps: int, episodes: int, prior: bool) -> dic
                                  "for shots 1 and 5, trainable_params)") from None  # fmt: skip
             if not all(0.0 <= v <= 100.0 for v in scores):
                 raise SystemExit(f"--reuse {path}: record {i} ({key[0]} seed {key[1]}) has a score outside 0-100")
-            if (r.get("steps"), r.get("episodes"), r.get("prior")) == (steps, episodes, prior):
+            if same_setting(r, steps, episodes, prior):
                 found[key] = r
     return found
 
@@ -319,19 +324,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if pending:  # the data and the backbone only when something is to train (not for tables from --reuse alone)
         shards = toy_shards(args.out, args.train_images, args.val_images, 160, progress=False, version=TOY_VERSION)
         weights, _ = pretrained_backbone(args.out / "pretrain", args.pretrain_steps, 0, progress=False)
-    else:
-        shards = weights = ""
-    common = (str(shards), str(weights), str(args.out), steps, args.episodes, threads, args.prior)
-    if args.jobs > 1 and pending:
-        import multiprocessing
+        common = (str(shards), str(weights), str(args.out), steps, args.episodes, threads, args.prior)
+        if args.jobs > 1:
+            import multiprocessing
 
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(run_one, v, c, s, *common) for v, c, s in pending]
-            for future in futures:
-                record(future.result())
-    else:
-        for v, c, s in pending:
-            record(run_one(v, c, s, *common))
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(run_one, v, c, s, *common) for v, c, s in pending]
+                for future in futures:
+                    record(future.result())
+        else:
+            for v, c, s in pending:
+                record(run_one(v, c, s, *common))
     given = list(sys.argv[1:] if argv is None else argv)  # what the user typed after the script, for the report
     command = "bash launch/toy_tables.sh" + (f" {' '.join(given)}" if given else "")
     hours = sum(r.get("seconds", 0.0) * r.get("threads", 1) for r in results.values()) / 3600
@@ -347,4 +350,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["MARKERS", "REFERENCE", "T975", "main", "paired_interval", "plan", "report", "reused", "run_one",
-           "table_markdown", "write_results"]  # fmt: skip
+           "same_setting", "table_markdown", "write_results"]  # fmt: skip
