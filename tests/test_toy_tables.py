@@ -84,6 +84,8 @@ def test_tables_and_markers(tmp_path):
     doc.write_text("no markers")
     with pytest.raises(SystemExit, match="markers"):
         tt.write_results(text, doc)
+    with pytest.raises(SystemExit, match="not here .*--no-write"):
+        tt.write_results(text, tmp_path / "elsewhere" / "RESULTS.md")
 
 
 @pytest.mark.slow

@@ -253,7 +253,10 @@ def report(results: dict[tuple[str, int], dict], tables: Sequence[int], seeds3: 
 
 
 def write_results(text: str, path: Path = Path("docs/RESULTS.md")) -> Path:
-    """Put `text` between the toy-tables markers of docs/RESULTS.md (the rest of the file is kept)."""
+    """Put `text` between the toy-tables markers of docs/RESULTS.md (the rest of the file is kept). The path is the
+    checkout's, relative to the current folder (launch/toy_tables.sh runs from the checkout's root)."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: not here to write the tables into (run from a jc2a checkout's root, or --no-write)")
     doc = path.read_text()
     start, end = MARKERS
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
