@@ -88,6 +88,13 @@ def test_tables_and_markers(tmp_path):
         tt.write_results(text, tmp_path / "elsewhere" / "RESULTS.md")
 
 
+def test_outside_a_checkout_the_runner_stops_before_any_run_unless_told_not_to_write(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        tt.main(["--out", str(tmp_path / "out"), "--tables", "3", "--variants", "baseline", "--seeds3", "0"])
+    assert "docs/RESULTS.md: not here" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_tiny_run_trains_evaluates_both_shots_and_resumes(tmp_path, capsys, jc2a_handlers):

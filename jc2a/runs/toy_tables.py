@@ -46,6 +46,7 @@ TABLES = (3, 4, 6)
 REFERENCE = {3: "baseline", 4: "jc2a", 6: "jc2a"}  # the variant each table's differences are taken against
 SHOTS = (1, 5)
 MARKERS = ("<!-- toy-tables:start -->", "<!-- toy-tables:end -->")
+RESULTS = Path("docs/RESULTS.md")  # the checkout's, relative to the current folder (launch/toy_tables.sh: its root)
 # Two-sided 95% quantiles of Student's t with df = n - 1 (scipy is not a dependency): t_{0.975, df}
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -252,9 +253,8 @@ def report(results: dict[tuple[str, int], dict], tables: Sequence[int], seeds3: 
     return "\n".join(lines)
 
 
-def write_results(text: str, path: Path = Path("docs/RESULTS.md")) -> Path:
-    """Put `text` between the toy-tables markers of docs/RESULTS.md (the rest of the file is kept). The path is the
-    checkout's, relative to the current folder (launch/toy_tables.sh runs from the checkout's root)."""
+def write_results(text: str, path: Path = RESULTS) -> Path:
+    """Put `text` between the toy-tables markers of docs/RESULTS.md (the rest of the file is kept)."""
     if not path.is_file():
         raise SystemExit(f"{path}: not here to write the tables into (run from a jc2a checkout's root, or --no-write)")
     doc = path.read_text()
@@ -302,6 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = sorted(set(args.variants or ()) - known)
     if unknown:
         parser.error(f"--variants {' '.join(unknown)}: not a row of tables {args.tables} ({', '.join(sorted(known))})")
+    if not args.no_write and not RESULTS.is_file():  # found now, not after the hours of runs
+        parser.error(f"{RESULTS}: not here to write the tables into (run from a jc2a checkout's root, or --no-write)")
     setup_logging()
     from jc2a.config import load_config
 
