@@ -34,6 +34,8 @@ def test_an_earlier_result_counts_only_for_the_same_steps_episodes_and_prior(tmp
     assert tt.run_dir(tmp_path, "p2p+p2b", 3, prior=False) != folder
     (folder / "result.json").write_text("{not json")
     assert tt.done(tmp_path, "p2p+p2b", 3, 800, 300) is None
+    (folder / "result.json").write_text("[800, 300]")  # JSON, but not a result: run again
+    assert tt.done(tmp_path, "p2p+p2b", 3, 800, 300) is None
 
 
 def test_runs_of_an_earlier_runs_json_are_reused_when_their_setting_is_the_same(tmp_path):

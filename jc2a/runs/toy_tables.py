@@ -130,7 +130,7 @@ def done(out: Path, variant: str, seed: int, steps: int, episodes: int, prior: b
         result = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    return result if same_setting(result, steps, episodes, prior) else None
+    return result if isinstance(result, dict) and same_setting(result, steps, episodes, prior) else None
 
 
 def same_setting(result: dict, steps: int, episodes: int, prior: bool) -> bool:
